@@ -1,0 +1,450 @@
+"""The one config schema: dataclasses whose field metadata drive CLI help, --set, presets and the GUI form."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import UserError
+
+#: Version of the preset / config file format. Bump with a migration in ``_migrate``.
+PRESET_VERSION = 1
+
+#: Presets larger than this are refused (they are small text files; anything bigger is not ours).
+MAX_PRESET_BYTES = 64 * 1024
+
+
+def opt(default, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, basic: bool = False, path: bool = False):
+    """A config field with its documentation and constraints."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "basic": basic, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """Base model."""
+    base: str = opt("", "Base model: a diffusers folder, a hub id, or a single-file .safetensors checkpoint "
+                    "(SD1.5, SD2.x or SDXL).", basic=True, path=True)
+    family: str = opt("auto", "Model family; 'auto' detects it from the files.",
+                      choices=("auto", "sd1", "sd2", "sdxl"))
+    prediction_type: str = opt("auto", "Noise target; 'auto' reads it from the model (SD2-768 models are "
+                               "v_prediction).", choices=("auto", "epsilon", "v_prediction"))
+    vae: str = opt("", "Optional VAE to use instead of the model's own (diffusers folder or .safetensors).",
+                   path=True)
+    clip_skip: int = opt(1, "Use the text encoder's N-th hidden state from the end (1 = last, 2 = the usual "
+                         "'clip skip 2' of anime models).", min=1, max=12)
+
+
+@dataclass
+class DataConfig:
+    """Training images and captions."""
+    dir: str = opt("", "Folder of training images (searched recursively) with same-name .txt captions. "
+                   "Sub-folders named 'N_name' repeat their images N times (kohya layout).",
+                   basic=True, path=True)
+    resolution: int = opt(512, "Target training resolution in pixels (bucket area is about resolution^2).",
+                          min=64, max=4096, basic=True)
+    caption_extension: str = opt(".txt", "Extension of caption files next to the images.")
+    default_caption: str = opt("", "Caption for images without a caption file (usually the trigger word). "
+                               "Missing captions are reported as a warning.", basic=True)
+    repeats: int = opt(1, "Repeats for images not in an 'N_name' folder.", min=1, max=1000)
+    enable_bucket: bool = opt(True, "Aspect-ratio bucketing; off means every image is center-cropped square.")
+    min_bucket_px: int = opt(256, "Smallest bucket side in pixels.", min=64, max=4096)
+    max_bucket_px: int = opt(1024, "Largest bucket side in pixels.", min=64, max=8192)
+    bucket_step_px: int = opt(64, "Bucket sides are multiples of this.", choices=(8, 16, 32, 64, 128))
+    bucket_no_upscale: bool = opt(False, "Never upscale: small images get a bucket no larger than themselves.")
+    shuffle_caption: bool = opt(False, "Shuffle comma-separated caption tags each time an image is used.")
+    keep_tokens: int = opt(0, "With shuffle: keep the first N tags (e.g. the trigger word) in place.",
+                           min=0, max=100)
+    caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.", min=0.0, max=1.0)
+    flip: bool = opt(False, "Random horizontal flip (disables latent caching on disk reuse across flips: "
+                     "both flips are cached).")
+    reg_dir: str = opt("", "Optional folder of regularisation (prior-preservation) images with captions; they "
+                       "are mixed into every batch so the LoRA does not leak into unrelated prompts.",
+                       path=True)
+    prior_loss_weight: float = opt(1.0, "Loss weight of regularisation images.", min=0.0, max=10.0)
+    cache_latents: bool = opt(True, "Encode every image with the VAE once, before training (faster, less memory).")
+    cache_latents_to_disk: bool = opt(False, "Also keep the latent cache on disk, keyed by file content and "
+                                      "settings, so the next run skips encoding.")
+    cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
+                         path=True)
+    num_workers: int = opt(0, "Data loader worker processes (0 = in the training process).", min=0, max=64)
+
+
+@dataclass
+class LoraConfig:
+    """What is trained."""
+    rank: int = opt(16, "LoRA rank (network dim).", min=1, max=1024, basic=True)
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/rank.", min=0.0, max=4096.0, basic=True)
+    train_text_encoder: bool = opt(True, "Also train LoRA on the text encoder(s).", basic=True)
+    unet_targets: str = opt("attention", "UNet layers: 'attention' = to_q/to_k/to_v/to_out.0 of self- and "
+                            "cross-attention; 'kohya' adds ff and proj_in/proj_out (what kohya's networks.lora "
+                            "trains).", choices=("attention", "kohya"))
+    text_encoder_targets: str = opt("attention", "Text-encoder layers: 'attention' = q/k/v/out_proj; "
+                                    "'attention_mlp' adds fc1/fc2.", choices=("attention", "attention_mlp"))
+    conv_rank: int = opt(0, "LoCon: rank for the 3x3 convs of resnets and up/down-samplers (0 = off).",
+                         min=0, max=1024)
+    conv_alpha: float = opt(1.0, "LoCon alpha for the conv layers.", min=0.0, max=4096.0)
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=0.9)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+    max_steps: int = opt(1000, "Number of optimizer steps.", min=1, max=10_000_000, basic=True)
+    batch_size: int = opt(1, "Images per step per process.", min=1, max=1024, basic=True)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step.",
+                                           min=1, max=1024)
+    learning_rate: float = opt(1e-4, "Learning rate of the UNet LoRA (Prodigy: use 1.0).",
+                               min=0.0, max=10.0, basic=True)
+    text_encoder_lr: float = opt(-1.0, "Learning rate of the text-encoder LoRA (-1 = same as learning_rate).",
+                                 min=-1.0, max=10.0)
+    optimizer: str = opt("adamw", "Optimizer. adamw8bit needs bitsandbytes and a CUDA GPU.",
+                         choices=("adamw", "adamw8bit", "prodigy", "lion", "adafactor"), basic=True)
+    weight_decay: float = opt(0.01, "Weight decay.", min=0.0, max=1.0)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule (after warm-up).",
+                            choices=("constant", "linear", "cosine", "cosine_with_restarts"))
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=1_000_000)
+    lr_num_cycles: int = opt(1, "Restarts for cosine_with_restarts.", min=1, max=100)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).", min=0.0, max=1000.0)
+    mixed_precision: str = opt("no", "Precision of the frozen base and activations; LoRA weights stay fp32.",
+                               choices=("no", "fp16", "bf16"), basic=True)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~20-35% slower.")
+    attention: str = opt("sdpa", "Attention kernel: PyTorch scaled_dot_product_attention or the plain path.",
+                         choices=("sdpa", "default"))
+    seed: int = opt(42, "Random seed (data order, noise, LoRA init).", min=0, max=2**32 - 1, basic=True)
+    noise_offset: float = opt(0.0, "Noise offset (crosslabs.org/blog/diffusion-with-offset-noise); 0.05-0.1 "
+                              "helps very dark/bright images.", min=0.0, max=1.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (arXiv:2303.09556); 5 is typical; 0 = off.",
+                               min=0.0, max=100.0)
+    save_every_steps: int = opt(0, "Save an intermediate LoRA and a resumable checkpoint every N steps (0 = "
+                                "only at the end and on stop).", min=0, max=10_000_000)
+    keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (oldest are deleted).", min=1, max=1000)
+
+
+@dataclass
+class SampleConfig:
+    """Preview images during training."""
+    every_steps: int = opt(0, "Generate samples every N steps (0 = off).", min=0, max=10_000_000)
+    prompts: list = opt([], "Prompts for the samples (one image each).")
+    negative_prompt: str = opt("", "Negative prompt for the samples.")
+    steps: int = opt(20, "Denoising steps per sample.", min=1, max=500)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=50.0)
+    seed: int = opt(1, "Seed for the samples (the same every time so samples are comparable).",
+                    min=0, max=2**32 - 1)
+    width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=4096)
+    height: int = opt(0, "Sample height in px (0 = data.resolution).", min=0, max=4096)
+    sampler: str = opt("euler", "Sampler.", choices=("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"))
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the LoRA is written."""
+    dir: str = opt("outputs", "Parent folder of runs; the run lands in <dir>/<name>/.", basic=True, path=True)
+    name: str = opt("my-lora", "Run and file name.", basic=True)
+    save_precision: str = opt("fp16", "dtype of the saved LoRA tensors.", choices=("fp16", "bf16", "fp32"))
+    also_diffusers: bool = opt(False, "Also write a diffusers/PEFT pytorch_lora_weights.safetensors "
+                               "(for diffusers only; A1111/ComfyUI need the kohya file).")
+    dataset_metadata: bool = opt(True, "Embed dataset folder names and caption tag counts (ss_tag_frequency) "
+                                 "in the LoRA; turn off for privacy.")
+    tensorboard: bool = opt(False, "Log loss and learning rate to TensorBoard under <run>/logs.")
+    author: str = opt("", "modelspec.author.")
+    description: str = opt("", "modelspec.description.")
+    trigger_phrase: str = opt("", "modelspec.trigger_phrase (shown by UIs as the activation text).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.output.name
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
+            "sample": SampleConfig, "output": OutputConfig}
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    section: str
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None
+    min: float | None
+    max: float | None
+    basic: bool
+    path: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def type_name(self) -> str:
+        return {bool: "bool", int: "int", float: "float", str: "str", list: "list"}[self.type]
+
+
+def _field_type(section_cls, f) -> type:
+    hints = typing.get_type_hints(section_cls)
+    t = hints[f.name]
+    return typing.get_origin(t) or t
+
+
+def iter_fields() -> Iterator[FieldInfo]:
+    """Every config field with its documentation, in schema order."""
+    for sname, scls in SECTIONS.items():
+        for f in dataclasses.fields(scls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            m = f.metadata
+            yield FieldInfo(sname, f.name, _field_type(scls, f), default, m["help"], m["choices"], m["min"],
+                            m["max"], m["basic"], m["path"])
+
+
+FIELDS: dict[str, FieldInfo] = {fi.key: fi for fi in iter_fields()}
+
+
+def _suggest(key: str, candidates) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if not close and "." in key:  # a right name in the wrong section, e.g. train.rank
+        tail = key.split(".", 1)[1]
+        close = [k for k in candidates if k.split(".", 1)[-1] == tail][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_value(fi: FieldInfo, value: Any, source: str = "") -> Any:
+    """Type-check and range-check one value; returns it normalised (int->float where needed)."""
+    where = f" in {source}" if source else ""
+    t = fi.type
+    ok = False
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{fi.key}{where}: {value} is not a finite number", field=fi.key)
+    elif t is str:
+        ok = isinstance(value, str)
+    elif t is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise UserError(f"{fi.key}{where}: expected {fi.type_name}, got {type(value).__name__} {value!r}",
+                        field=fi.key)
+    if fi.choices is not None and value not in fi.choices:
+        raise UserError(f"{fi.key}{where}: {value!r} is not one of {', '.join(map(str, fi.choices))}"
+                        f"{_suggest(str(value), map(str, fi.choices)) if isinstance(value, str) else ''}",
+                        field=fi.key)
+    if fi.min is not None and value < fi.min:
+        raise UserError(f"{fi.key}{where}: {value} is below the minimum {fi.min:g}", field=fi.key)
+    if fi.max is not None and value > fi.max:
+        raise UserError(f"{fi.key}{where}: {value} is above the maximum {fi.max:g}", field=fi.key)
+    return value
+
+
+def parse_value(fi: FieldInfo, text: str) -> Any:
+    """Parse a command-line string (from --set key=value or a form) into the field's type."""
+    t = fi.type
+    s = text.strip()
+    try:
+        if t is bool:
+            low = s.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            try:
+                return int(s)
+            except ValueError:
+                f = float(s)  # "1e3" or "1000.0"
+                if not f.is_integer():
+                    raise
+                return int(f)
+        if t is float:
+            return float(s)
+        if t is list:
+            if s.startswith("["):
+                val = json.loads(s)
+                if isinstance(val, list):
+                    return [str(v) for v in val]
+                raise ValueError
+            return [p.strip() for p in s.split("|") if p.strip()] if s else []
+    except (ValueError, json.JSONDecodeError):
+        raise UserError(f"{fi.key}: expected {fi.type_name}, got {text!r}", field=fi.key) from None
+    return text
+
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}
+
+
+def default_config() -> Config:
+    return Config()
+
+
+def _migrate(data: dict, source: str) -> dict:
+    """Bring an older preset/config to the current schema, or refuse it."""
+    version = data.pop("preset_version", PRESET_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise UserError(f"preset_version in {source} must be an integer, got {version!r}", field="preset_version")
+    if version > PRESET_VERSION:
+        raise UserError(f"{source} has preset_version {version}, newer than this LoRA Studio understands "
+                        f"({PRESET_VERSION}); update LoRA Studio", field="preset_version")
+    if version < 1:
+        raise UserError(f"{source} has unknown preset_version {version}", field="preset_version")
+    return data
+
+
+def apply_dict(cfg: Config, data: dict, source: str = "") -> Config:
+    """Overlay a nested dict (from TOML) onto cfg, validating every key and value."""
+    where = f" in {source}" if source else ""
+    data = _migrate(dict(data), source or "config")
+    for sname, section in data.items():
+        if sname not in SECTIONS:
+            raise UserError(f"unknown section '{sname}'{where}{_suggest(sname, SECTIONS)}", field=sname)
+        if not isinstance(section, dict):
+            raise UserError(f"'{sname}'{where} must be a table of settings ([{sname}])", field=sname)
+        for name, value in section.items():
+            key = f"{sname}.{name}"
+            fi = FIELDS.get(key)
+            if fi is None:
+                raise UserError(f"unknown key '{key}'{where}{_suggest(key, FIELDS)}", field=key)
+            setattr(getattr(cfg, sname), name, check_value(fi, value, source))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings (the CLI's --set)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        fi = FIELDS.get(key)
+        if fi is None:
+            raise UserError(f"unknown key '{key}'{_suggest(key, FIELDS)}", field=key)
+        setattr(getattr(cfg, fi.section), fi.name, check_value(fi, parse_value(fi, text), "--set"))
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}", path=str(p))
+    if p.stat().st_size > MAX_PRESET_BYTES:
+        raise UserError(f"{p} is larger than {MAX_PRESET_BYTES // 1024} KiB; not a LoRA Studio preset", path=str(p))
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid TOML: {e}", path=str(p)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults, then the file (a preset or a full config), then --set overrides."""
+    cfg = base or default_config()
+    if path is not None:
+        apply_dict(cfg, read_toml(path), str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def validate_for_training(cfg: Config) -> None:
+    """Cross-field checks that only matter when a run starts."""
+    if not cfg.model.base:
+        raise UserError("model.base is not set: give a diffusers folder, hub id or .safetensors checkpoint",
+                        field="model.base")
+    if not cfg.data.dir:
+        raise UserError("data.dir is not set: give the folder of training images", field="data.dir")
+    if cfg.data.min_bucket_px > cfg.data.max_bucket_px:
+        raise UserError(f"data.min_bucket_px ({cfg.data.min_bucket_px}) is larger than data.max_bucket_px "
+                        f"({cfg.data.max_bucket_px})", field="data.min_bucket_px")
+    name = cfg.output.name
+    if not name or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
+        raise UserError(f"output.name {name!r} is not a valid file name", field="output.name")
+
+
+# ---------------------------------------------------------------------------------------------- TOML writing
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        r = repr(v)
+        return r if ("." in r or "e" in r or "inf" in r or "nan" in r) else r + ".0"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v)} to TOML")
+
+
+def dict_to_toml(data: dict[str, dict[str, Any]], header: str = "", preset_version: bool = True) -> str:
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()] if header else []
+    if preset_version:
+        lines.append(f"preset_version = {PRESET_VERSION}")
+    for sname, section in data.items():
+        if not section:
+            continue
+        lines.append("")
+        lines.append(f"[{sname}]")
+        for k, v in section.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def config_to_toml(cfg: Config, header: str = "") -> str:
+    """The full resolved config; itself a valid --config and preset."""
+    return dict_to_toml(config_to_dict(cfg), header)
+
+
+def diff_from_defaults(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Only the keys that differ from the defaults (what a preset stores)."""
+    out: dict[str, dict[str, Any]] = {}
+    for fi in FIELDS.values():
+        v = getattr(getattr(cfg, fi.section), fi.name)
+        if v != fi.default:
+            out.setdefault(fi.section, {})[fi.name] = v
+    return out
+
+
+def help_table(markdown: bool = False) -> str:
+    """Every key with type, default, range/choices and help: for --help-config and the docs."""
+    rows = []
+    for fi in FIELDS.values():
+        rng = ""
+        if fi.choices:
+            rng = "|".join(map(str, fi.choices))
+        elif fi.min is not None or fi.max is not None:
+            rng = f"{fi.min:g}..{fi.max:g}"
+        rows.append((fi.key, fi.type_name, _toml_value(fi.default), rng, fi.help))
+    if markdown:
+        out = ["| key | type | default | range / choices | help |", "|---|---|---|---|---|"]
+        out += [f"| `{k}` | {t} | `{d}` | {r} | {h} |" for k, t, d, r, h in rows]
+        return "\n".join(out)
+    return "\n".join(f"  {k:<34} {t:<5} default {d:<12} {('[' + r + ']') if r else ''}\n      {h}"
+                     for k, t, d, r, h in rows)

@@ -1,0 +1,1 @@
+"""Pure data work: scanning and validating image folders, captioners, bucketing, caption edits, previews."""

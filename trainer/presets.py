@@ -84,7 +84,7 @@ def validate_preset_text(text: str, source: str = "preset", allowed_roots: list[
         for fi in C.FIELDS.values():
             if not fi.path:
                 continue
-            value = getattr(getattr(cfg, fi.section), fi.name)
+            value = data.get(fi.section, {}).get(fi.name) if isinstance(data.get(fi.section), dict) else None
             if not value or (fi.key == "model.base" and _looks_like_hub_id(value)):
                 continue
             target = Path(value).expanduser()

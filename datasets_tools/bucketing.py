@@ -135,3 +135,16 @@ def bucket_batches(buckets_per_item: list[tuple[int, int]], batch_size: int, *, 
     if shuffle:
         rng.shuffle(batches)
     return batches
+
+
+def plan_image(width: int, height: int, *, resolution: int = 512, min_px: int = 256, max_px: int = 1024,
+               step: int = 64, no_upscale: bool = False, enable_bucket: bool = True,
+               buckets: list[tuple[int, int]] | None = None) -> CropPlan:
+    """Bucket and crop for one image from the data settings; the trainer and the preview both call this."""
+    if not enable_bucket:
+        side = resolution // step * step  # bucketing off: every image is centre-cropped square
+        return crop_plan(width, height, (side, side))
+    if buckets is None:
+        buckets = make_buckets(resolution, min_px, max_px, step)
+    bucket = assign_bucket(width, height, buckets, no_upscale=no_upscale, resolution=resolution, step=step)
+    return crop_plan(width, height, bucket)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DatasetError
-from .images import IMAGE_EXTENSIONS, ImageError, read_header
+from .images import IMAGE_EXTENSIONS, ImageError, ImageHeader, read_header
 
 CACHE_DIR_NAMES = {".lorastudio_cache", ".lorastudio_backup", "__MACOSX"}
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
@@ -107,12 +107,21 @@ def is_image_file(path: Path) -> bool:
 def collect_images(root: str | os.PathLike, *, caption_extension: str = ".txt", default_caption: str = "",
                    default_repeats: int = 1) -> tuple[list[ImageItem], list[Problem]]:
     """Images under root (recursive, sorted) with captions and repeats; bad files are skipped and reported."""
+    items, _, problems = collect_with_headers(root, caption_extension=caption_extension,
+                                              default_caption=default_caption, default_repeats=default_repeats)
+    return items, problems
+
+
+def collect_with_headers(root: str | os.PathLike, *, caption_extension: str = ".txt", default_caption: str = "",
+                         default_repeats: int = 1) -> tuple[list[ImageItem], list[ImageHeader], list[Problem]]:
+    """collect_images plus each item's full header (mode, format, orientation), for the scan report."""
     root = check_folder(root)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     files = walk_files(root)
     images = [f for f in files if is_image_file(f)]
     items: list[ImageItem] = []
+    headers: list[ImageHeader] = []
     problems: list[Problem] = []
     for path in images:
         try:
@@ -135,9 +144,10 @@ def collect_images(root: str | os.PathLike, *, caption_extension: str = ".txt", 
                                     f"{path}: no {caption_extension} caption; using "
                                     + (f"'{default_caption}'" if default_caption else "an empty caption")))
         items.append(ImageItem(path, caption, has_caption, repeats, subset, head.width, head.height))
+        headers.append(head)
     image_stems = {(f.parent, f.stem) for f in images}
     for f in files:
         if (f.name.endswith(caption_extension) and not is_image_file(f)
                 and (f.parent, f.name[: -len(caption_extension)]) not in image_stems):
             problems.append(Problem(str(f), "caption_without_image", f"{f}: caption file without a matching image"))
-    return items, problems
+    return items, headers, problems

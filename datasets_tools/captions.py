@@ -168,59 +168,86 @@ def _new_backup_dir(root: Path) -> Path:
     raise DatasetError(f"too many backups this second in {base}")
 
 
-def apply_caption_texts(root: str | os.PathLike, texts: dict[Path, str], *, operation: str) -> EditResult:
-    """Write new caption texts with one backup for the lot; nothing is written unless every folder is writable.
+class CaptionWriter:
+    """Writes caption texts in as many batches as needed under one backup, so one undo reverts them all.
 
-    Files whose text would not change are left alone. On a failure part-way (disk full), files already
-    written are restored from the backup before the error is raised.
+    Each batch is backed up before it is written and each file is replaced atomically; a failure part-way
+    through a batch restores that batch's files and raises a one-line DatasetError. Files whose text would
+    not change are left alone, and no backup folder is made until something changes.
     """
-    root = check_folder(root).resolve()
-    changes: dict[Path, str] = {}
-    for path, text in texts.items():
-        path = Path(path).resolve()
-        if path.is_file():
-            try:
-                if read_caption(path) == text.strip():  # a trailing newline is no reason to rewrite
-                    continue
-            except (OSError, UnicodeDecodeError):
-                pass  # unreadable captions get replaced (and backed up as raw bytes)
-        changes[path] = text
-    result = EditResult(operation)
-    if not changes:
-        return result
-    ensure_writable({p.parent for p in changes} | {root})
-    backup = _new_backup_dir(root)
-    files_dir = backup / "files"
-    manifest = {"operation": operation, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": {}}
-    try:
+
+    def __init__(self, root: str | os.PathLike, *, operation: str):
+        self.root = check_folder(root).resolve()
+        self.result = EditResult(operation)
+        self.backup: Path | None = None
+        self.manifest = {"operation": operation, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": {}}
+        self._checked: set[Path] = set()
+
+    def check(self, dirs) -> None:
+        """Probe folders before doing slow work (captioning) that would otherwise end in a write error."""
+        todo = {Path(d).resolve() for d in dirs} - self._checked
+        ensure_writable(todo | ({self.root} - self._checked))
+        self._checked |= todo | {self.root}
+
+    def write(self, texts: dict[Path, str]) -> list[str]:
+        changes: dict[Path, str] = {}
+        for path, text in texts.items():
+            path = Path(path).resolve()
+            if path.is_file():
+                try:
+                    if read_caption(path) == text.strip():  # a trailing newline is no reason to rewrite
+                        continue
+                except (OSError, UnicodeDecodeError):
+                    pass  # unreadable captions get replaced (and backed up as raw bytes)
+            changes[path] = text
+        if not changes:
+            return []
+        self.check({p.parent for p in changes})
+        if self.backup is None:
+            self.backup = _new_backup_dir(self.root)
+        files_dir = self.backup / "files"
+        try:
+            for path in sorted(changes):
+                rel = path.relative_to(self.root).as_posix()
+                if rel in self.manifest["files"]:
+                    continue  # written earlier in this edit: the backup already holds the original
+                existed = path.is_file()
+                self.manifest["files"][rel] = existed
+                if existed:
+                    dest = files_dir / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, dest)
+            self.backup.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.backup / _MANIFEST, json.dumps(self.manifest, indent=1, ensure_ascii=False))
+        except OSError as e:
+            raise DatasetError(f"cannot back up captions into {self.backup}: {e.strerror or e}; "
+                               f"nothing more was changed") from None
+        written: list[Path] = []
+        try:
+            for path in sorted(changes):
+                atomic_write_text(path, changes[path])
+                written.append(path)
+        except OSError as e:
+            _restore(self.root, self.backup, only=written)
+            raise DatasetError(f"writing {path} failed ({e.strerror or e}); this batch's captions were restored",
+                               path=str(path)) from None
+        rels = []
         for path in sorted(changes):
-            rel = path.relative_to(root).as_posix()
-            existed = path.is_file()
-            manifest["files"][rel] = existed
-            if existed:
-                dest = files_dir / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-        atomic_write_text(backup / _MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False))
-    except OSError as e:
-        shutil.rmtree(backup, ignore_errors=True)
-        raise DatasetError(f"cannot back up captions into {backup}: {e.strerror or e}; nothing was changed") from None
-    written: list[Path] = []
-    try:
-        for path in sorted(changes):
-            atomic_write_text(path, changes[path])
-            written.append(path)
-    except OSError as e:
-        _restore(root, backup, only=written)
-        raise DatasetError(f"writing {path} failed ({e.strerror or e}); the {len(written)} caption(s) already "
-                           f"written were restored", path=str(path)) from None
-    for path in sorted(changes):
-        rel = path.relative_to(root).as_posix()
-        result.changed.append(rel)
-        if not manifest["files"][rel]:
-            result.created.append(rel)
-    result.backup = str(backup)
-    return result
+            rel = path.relative_to(self.root).as_posix()
+            rels.append(rel)
+            if rel not in self.result.changed:
+                self.result.changed.append(rel)
+                if not self.manifest["files"][rel]:
+                    self.result.created.append(rel)
+        self.result.backup = str(self.backup)
+        return rels
+
+
+def apply_caption_texts(root: str | os.PathLike, texts: dict[Path, str], *, operation: str) -> EditResult:
+    """Write new caption texts as one undoable edit; nothing is written unless every folder is writable."""
+    writer = CaptionWriter(root, operation=operation)
+    writer.write(texts)  # probes every target folder before the first byte is written
+    return writer.result
 
 
 def _restore(root: Path, backup: Path, only: list[Path] | None = None) -> tuple[list[str], list[str]]:

@@ -1,0 +1,443 @@
+"""Captioners behind one interface (template, transformers image-to-text, WD14 ONNX tagger) and caption_folder."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from .captions import CaptionWriter, image_caption_pairs, prefix_transform
+from .errors import DatasetError
+from .folder import Problem, check_folder, repeats_for
+from .images import ImageError, load_rgb
+
+CAPTIONERS = ("template", "blip", "wd14")
+Progress = Callable[[int, int], None]
+
+
+class Captioner:
+    """Turns a batch of RGB images into captions. ``needs_pixels`` False means paths alone are enough."""
+
+    name = "captioner"
+    needs_pixels = True
+    device = "cpu"
+
+    def caption_batch(self, images: list[Image.Image], paths: list[Path] | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+
+def _looks_like_path(model: str) -> bool:
+    # Hub ids are 'owner/name'; anything absolute, relative-dotted, home-based or existing is a path.
+    return (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
+            or model.count("/") > 1 or "\\" in model)
+
+
+def _check_model_path(model: str | os.PathLike | None, kind: str) -> str:
+    if not model:
+        raise DatasetError(f"the {kind} captioner needs --model (a local folder or a hub id)", field="--model")
+    model = str(model)
+    if _looks_like_path(model) and not os.path.exists(os.path.expanduser(model)):
+        raise DatasetError(f"captioner model not found: {model}", path=model, field="--model")
+    return os.path.expanduser(model) if _looks_like_path(model) else model
+
+
+def _pick_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------------------------- template
+_NUM_PREFIX = re.compile(r"^\d+_")
+_TRAILING_NUM = re.compile(r"[\s_\-(]*\d+\)?$")
+
+
+def clean_name(name: str) -> str:
+    """'10_zxq_style' -> 'zxq style', 'my-cat_003' -> 'my cat': kohya repeat prefix and counters dropped."""
+    name = _NUM_PREFIX.sub("", name)
+    name = _TRAILING_NUM.sub("", name) or name
+    return " ".join(re.sub(r"[_\-]+", " ", name).split())
+
+
+class TemplateCaptioner(Captioner):
+    """Offline captions from a template over {trigger}, {name} (file name) and {folder} (its folder)."""
+
+    name = "template"
+    needs_pixels = False
+
+    def __init__(self, template: str = "{name}", trigger: str | None = None, root: str | os.PathLike | None = None):
+        for key in re.findall(r"{(\w*)}", template):
+            if key not in ("trigger", "name", "folder"):
+                raise DatasetError(f"template '{template}' uses {{{key}}}; use {{trigger}}, {{name}} or {{folder}}",
+                                   field="--template")
+        self.template = template
+        self.trigger = trigger or ""
+        self.root = Path(root) if root else None
+
+    def caption_batch(self, images, paths=None):
+        if paths is None:
+            raise DatasetError("the template captioner needs the image paths")
+        out = []
+        for p in paths:
+            p = Path(p)
+            folder = p.parent.name
+            if self.root is not None:
+                _, subset = repeats_for(p, self.root)
+                folder = Path(subset).name if subset != "." else self.root.name
+            text = self.template.format(trigger=self.trigger, name=clean_name(p.stem), folder=clean_name(folder))
+            out.append(", ".join(t.strip() for t in text.split(",") if t.strip()))
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+class TransformersCaptioner(Captioner):
+    """Any transformers image-to-text model (BLIP, BLIP-2, GIT, ...) through AutoProcessor + AutoModel."""
+
+    name = "blip"
+
+    def __init__(self, model: str, *, device: str = "auto", prompt: str | None = None, max_new_tokens: int = 40,
+                 num_beams: int = 3, dtype: str = "auto"):
+        model = _check_model_path(model, "blip")
+        import torch
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+        verbosity = transformers.logging.get_verbosity()
+        bars = transformers.utils.logging.is_progress_bar_enabled()
+        # The torchvision-fallback notes and the weight-loading bar would bury our own progress bar.
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            try:
+                config = transformers.AutoConfig.from_pretrained(model)
+            except Exception as e:
+                raise DatasetError(f"{model} is not a transformers model (folder or hub id) with a config.json: "
+                                   f"{_first_line(e)}", path=model, field="--model") from None
+            model_type = getattr(config, "model_type", "")
+            if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+                raise DatasetError(f"{model} is a '{model_type}' model, not an image-to-text captioner "
+                                   f"(BLIP, BLIP-2, GIT, ...)", path=model, field="--model")
+            self.device = _pick_device(device)
+            if dtype == "auto":
+                torch_dtype = torch.float16 if self.device == "cuda" else torch.float32
+            else:
+                torch_dtype = getattr(torch, dtype)
+            try:
+                self.processor = transformers.AutoProcessor.from_pretrained(model)
+                self.model = transformers.AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype)
+            except Exception as e:
+                raise DatasetError(f"cannot load captioner {model}: {_first_line(e)}", path=model,
+                                   field="--model") from None
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+            if bars:
+                transformers.utils.logging.enable_progress_bar()
+        self.model.to(self.device).eval()
+        self.dtype = torch_dtype
+        self.model_id = model
+        self.prompt = prompt
+        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+
+    def caption_batch(self, images, paths=None):
+        import torch
+
+        kwargs = {"images": list(images), "return_tensors": "pt"}
+        if self.prompt:
+            kwargs["text"] = [self.prompt] * len(images)
+        inputs = self.processor(**kwargs)
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  for k, v in inputs.items() if hasattr(v, "to")}
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generate_kwargs)
+        texts = self.processor.batch_decode(out, skip_special_tokens=True)
+        result = []
+        for t in texts:
+            t = " ".join(t.split())
+            # Decoder-only models (GIT, BLIP-2 with a prompt) echo the prompt before the caption.
+            if self.prompt and t.lower().startswith(self.prompt.lower()):
+                t = t[len(self.prompt):].strip()
+            result.append(t)
+        return result
+
+    def describe(self) -> str:
+        return f"{type(self.model).__name__} ({self.model_id}) on {self.device}"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------- WD14 tagger
+# Booru kaomoji tags whose underscores are part of the face (same list as SmilingWolf's wd-tagger demo).
+KAOMOJIS = {"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o", "@_@",
+            "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"}
+RATING, GENERAL, CHARACTER = 9, 0, 4
+
+
+@dataclass
+class TagSet:
+    names: list[str]
+    categories: list[int]
+    general: list[int] = field(default_factory=list)
+    character: list[int] = field(default_factory=list)
+
+
+def read_tags_csv(path: Path) -> TagSet:
+    """selected_tags.csv: columns tag_id,name,category,count; category 0 general, 4 character, 9 rating."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise DatasetError(f"cannot read tag list {path}: {e.strerror or e}", path=str(path)) from None
+    if not rows or "name" not in rows[0] or "category" not in rows[0]:
+        raise DatasetError(f"{path} is not a WD14 tag list (needs 'name' and 'category' columns)", path=str(path))
+    names, cats = [], []
+    for n, row in enumerate(rows, start=2):
+        try:
+            cats.append(int(row["category"]))
+        except (TypeError, ValueError):
+            raise DatasetError(f"{path}: line {n} has category '{row['category']}', expected a number",
+                               path=str(path)) from None
+        names.append(row["name"])
+    tags = TagSet(names, cats)
+    tags.general = [i for i, c in enumerate(cats) if c == GENERAL]
+    tags.character = [i for i, c in enumerate(cats) if c == CHARACTER]
+    return tags
+
+
+def _resolve_wd14_files(model: str) -> tuple[Path, Path]:
+    p = Path(model)
+    if p.is_file():
+        if p.suffix.lower() != ".onnx":
+            raise DatasetError(f"{model} is not an ONNX file (the wd14 captioner needs model.onnx and "
+                               f"selected_tags.csv)", path=model, field="--model")
+        onnx_path, csv_path = p, p.with_name("selected_tags.csv")
+    elif p.is_dir():
+        onnx_files = sorted(p.glob("*.onnx"))
+        onnx_path = p / "model.onnx" if (p / "model.onnx").is_file() else (onnx_files[0] if onnx_files else None)
+        if onnx_path is None:
+            raise DatasetError(f"no model.onnx in {model}: not a WD14 tagger folder", path=model, field="--model")
+        csv_path = p / "selected_tags.csv"
+    else:  # a hub id such as SmilingWolf/wd-vit-tagger-v3
+        try:
+            from huggingface_hub import hf_hub_download
+
+            onnx_path = Path(hf_hub_download(model, "model.onnx"))
+            csv_path = Path(hf_hub_download(model, "selected_tags.csv"))
+        except Exception as e:
+            raise DatasetError(f"cannot get WD14 tagger '{model}' (model.onnx + selected_tags.csv): "
+                               f"{_first_line(e)}", path=model, field="--model") from None
+    if not csv_path.is_file():
+        raise DatasetError(f"selected_tags.csv not found next to {onnx_path}", path=str(csv_path), field="--model")
+    return onnx_path, csv_path
+
+
+class WD14Captioner(Captioner):
+    """SmilingWolf-style booru tagger: NHWC float32 BGR 0-255 input padded white to square, sigmoid outputs."""
+
+    name = "wd14"
+
+    def __init__(self, model: str, *, general_threshold: float = 0.35, character_threshold: float = 0.85,
+                 blacklist: list[str] | None = None, underscores_to_spaces: bool = True, include_rating: bool = False,
+                 device: str = "auto"):
+        model = _check_model_path(model, "wd14")
+        onnx_path, csv_path = _resolve_wd14_files(model)
+        self.tags = read_tags_csv(csv_path)
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+            wanted.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), providers=wanted)
+        except Exception as e:
+            raise DatasetError(f"cannot load ONNX model {onnx_path}: {_first_line(e)}", path=str(onnx_path),
+                               field="--model") from None
+        inp = self.session.get_inputs()[0]
+        shape = list(inp.shape)
+        if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
+            raise DatasetError(f"{onnx_path} does not look like a WD14 tagger: input shape {shape}, expected "
+                               f"[batch, size, size, 3]", path=str(onnx_path), field="--model")
+        out_shape = self.session.get_outputs()[0].shape
+        if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != len(self.tags.names)):
+            raise DatasetError(f"{onnx_path} outputs {out_shape} but {csv_path} lists {len(self.tags.names)} tags",
+                               path=str(onnx_path), field="--model")
+        self.input_name = inp.name
+        self.size = int(shape[1])
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None  # old exports fix the batch to 1
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if device == "cuda" and self.device != "cuda":
+            print("warning: onnxruntime has no CUDA provider here (install onnxruntime-gpu); tagging on CPU",
+                  file=sys.stderr)
+        self.general_threshold = general_threshold
+        self.character_threshold = character_threshold
+        self.blacklist = {_norm(t) for t in (blacklist or []) if t.strip()}
+        self.underscores_to_spaces = underscores_to_spaces
+        self.include_rating = include_rating
+        self.model_path = onnx_path
+
+    def preprocess(self, img: Image.Image):
+        import numpy as np
+
+        img = img.convert("RGB")
+        side = max(img.size)
+        canvas = Image.new("RGB", (side, side), (255, 255, 255))
+        canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        if side != self.size:
+            canvas = canvas.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return np.asarray(canvas, dtype=np.float32)[:, :, ::-1]  # the taggers were trained on BGR
+
+    def _tag_name(self, name: str) -> str:
+        if self.underscores_to_spaces and name not in KAOMOJIS:
+            return name.replace("_", " ")
+        return name
+
+    def tags_for(self, probs) -> list[str]:
+        chosen: list[tuple[float, str]] = []
+        for i in self.tags.character:
+            if probs[i] >= self.character_threshold:
+                chosen.append((2.0 + float(probs[i]), self.tags.names[i]))  # characters first
+        for i in self.tags.general:
+            if probs[i] >= self.general_threshold:
+                chosen.append((float(probs[i]), self.tags.names[i]))
+        if self.include_rating:
+            ratings = [i for i, c in enumerate(self.tags.categories) if c == RATING]
+            if ratings:
+                best = max(ratings, key=lambda i: probs[i])
+                chosen.append((-1.0, self.tags.names[best]))
+        chosen.sort(key=lambda t: -t[0])
+        out = []
+        for _, name in chosen:
+            if _norm(name) in self.blacklist:
+                continue
+            out.append(self._tag_name(name))
+        return out
+
+    def caption_batch(self, images, paths=None):
+        import numpy as np
+
+        if not images:
+            return []
+        arr = np.stack([self.preprocess(im) for im in images])
+        step = self.fixed_batch or len(arr)
+        probs = np.concatenate([self.session.run(None, {self.input_name: arr[i:i + step]})[0]
+                                for i in range(0, len(arr), step)])
+        return [", ".join(self.tags_for(p)) for p in probs]
+
+    def describe(self) -> str:
+        return f"WD14 tagger {self.model_path} on {self.device} ({self.session.get_providers()[0]})"
+
+
+def _norm(tag: str) -> str:
+    return " ".join(tag.replace("_", " ").lower().split())
+
+
+def get_captioner(name: str, model: str | None = None, **opts) -> Captioner:
+    """Captioner by name: 'template' (offline), 'blip' (transformers image-to-text), 'wd14' (ONNX tagger)."""
+    name = (name or "").lower()
+    if name == "template":
+        return TemplateCaptioner(**opts)
+    if name in ("blip", "blip2", "git", "transformers"):
+        return TransformersCaptioner(model, **opts)
+    if name in ("wd14", "wd", "tagger"):
+        return WD14Captioner(model, **opts)
+    raise DatasetError(f"unknown captioner '{name}'; choose one of {', '.join(CAPTIONERS)}", field="--captioner")
+
+
+# ----------------------------------------------------------------------------------------------- folder
+@dataclass
+class CaptionRun:
+    written: list[str] = field(default_factory=list)  # caption files written (relative to root)
+    kept: list[str] = field(default_factory=list)  # existing captions left alone (no overwrite)
+    failed: list[Problem] = field(default_factory=list)  # images that could not be read
+    backup: str | None = None
+
+    def summary(self) -> str:
+        text = f"captioned {len(self.written)} image(s), kept {len(self.kept)} existing caption(s)"
+        if self.failed:
+            text += f", skipped {len(self.failed)} unreadable image(s)"
+        if self.backup:
+            text += f"; backup: {self.backup}"
+        return text
+
+
+def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: str | None = None,
+                   overwrite: bool = False, batch_size: int = 8, progress: Progress | None = None,
+                   caption_extension: str = ".txt") -> CaptionRun:
+    """Caption every image under root that has no caption (all of them with overwrite).
+
+    Written batch by batch (a crash keeps finished batches), atomically, under one backup so one undo
+    reverts the run. The trigger goes first in each caption. ``progress(done, total)`` replaces the
+    terminal progress bar (the GUI passes one).
+    """
+    root = check_folder(root).resolve()
+    if batch_size < 1:
+        raise DatasetError(f"batch size must be at least 1, got {batch_size}", field="--batch-size")
+    pairs = image_caption_pairs(root, caption_extension)
+    run = CaptionRun()
+    todo = []
+    for img, cap in pairs:
+        if cap.exists() and not overwrite:
+            run.kept.append(cap.relative_to(root).as_posix())
+        else:
+            todo.append((img, cap))
+    writer = CaptionWriter(root, operation=f"caption with {captioner.name}")
+    writer.check({cap.parent for _, cap in todo})  # fail on a read-only folder before the slow part
+    add_trigger = prefix_transform(trigger) if trigger and trigger.strip() else None
+    bar = None
+    if progress is None and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", file=sys.stderr,
+                   disable=None)  # disable=None: no bar when stderr is not a terminal
+    done = 0
+    try:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            images, paths, caps = [], [], []
+            for img, cap in chunk:
+                if captioner.needs_pixels:
+                    try:
+                        images.append(load_rgb(img))
+                    except ImageError as e:
+                        run.failed.append(Problem(img.relative_to(root).as_posix(), e.reason.replace(" ", "_"),
+                                                  str(e)))
+                        continue
+                paths.append(img)
+                caps.append(cap)
+            texts = captioner.caption_batch(images, paths) if paths else []
+            if len(texts) != len(paths):
+                raise DatasetError(f"captioner {captioner.name} returned {len(texts)} captions for {len(paths)} "
+                                   f"images")
+            out = {}
+            for cap, text in zip(caps, texts):
+                text = " ".join(text.split())
+                out[cap] = add_trigger(text) if add_trigger else text
+            run.written.extend(writer.write(out))
+            done += len(chunk)
+            if bar is not None:
+                bar.update(len(chunk))
+            if progress is not None:
+                progress(done, len(todo))
+    finally:
+        if bar is not None:
+            bar.close()
+    run.backup = writer.result.backup
+    return run

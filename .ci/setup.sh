@@ -12,7 +12,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
 if [ "${1:-}" = "test" ]; then
-  "$PY" -m pip install -q -e ".[test,optim,captioners,logging]"
+  "$PY" -m pip install -q -e ".[test,captioners,logging]"
   if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
       || echo "warning: could not install chromium; browser tests will be skipped" >&2

@@ -68,7 +68,7 @@ def test_sd1_run_writes_lora_events_samples_and_replayable_config(tiny_sd1_dir, 
     assert [e["step"] for e in steps] == [1, 2, 3, 4]
     assert all(e["loss"] > 0 and e["lr"] > 0 and e["it_per_s"] > 0 and e["eta_s"] >= 0 for e in steps)
     assert events[-1]["status"] == "completed" and events[-1]["lora_path"].endswith("run.safetensors")
-    assert [e["type"] for e in seen if e.type == "step"] == ["step"] * 4
+    assert [e.step for e in seen if e.type == "step"] == [1, 2, 3, 4]
     samples = [e for e in events if e["type"] == "sample"]
     assert {e["step"] for e in samples} == {2, 4}
     png = Image.open(samples[0]["path"])

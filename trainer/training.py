@@ -220,7 +220,10 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
     for m in (unet, vae, *text_encoders):
         m.requires_grad_(False)
         m.eval()
-    vae.to(device, torch.float32 if base.family == "sdxl" else weight_dtype)  # SDXL's VAE overflows in fp16
+    vae_dtype = torch.float32 if base.family == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
+    if vae.dtype != vae_dtype:
+        vae.to(dtype=vae_dtype)
+    vae.to(device)
     _set_attention(unet, tr.attention)
     train_te = cfg.lora.train_text_encoder
     torch.manual_seed(tr.seed)  # identical LoRA init in every process and every resume

@@ -1,0 +1,143 @@
+"""Training speed: our steady-state step time over a raw UNet+LoRA step, in the same process.
+
+Builds a full-size SD1.5-architecture pipeline with random weights (no download), saves it as a diffusers
+folder, trains through trainer.train() at 256 px, batch 1, rank 16 with latents and text-encoder outputs
+cached, then times a bare loop (UNet forward + backward + AdamW on the same LoRA) on the same process.
+
+    python benchmarks/train_speed.py [--steps 12] [--resolution 256] [--keep DIR] [--train-te]
+
+Prints: ours s/step, raw s/step, ratio (goal <= 1.05), time to first step, peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LORASTUDIO_NO_BAR", "1")
+
+import torch  # noqa: E402
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                   "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 cross_attention_dim=768, attention_head_dim=8)
+
+
+def build_full_sd15(path: Path) -> None:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trainer.tokenizers import clip_tokenizer
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                      hidden_act="quick_gelu", projection_dim=768))
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), unet=unet, scheduler=sched,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path, safe_serialization=True)
+
+
+def make_images(folder: Path, n: int, res: int) -> None:
+    from PIL import Image, ImageDraw
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = Image.new("RGB", (res, res), (200, 180 - i * 10, 160))
+        ImageDraw.Draw(img).ellipse([20 + i * 5, 30, 150, 160 + i * 5], fill=(40 * i % 255, 90, 200))
+        img.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"zxq style, picture {i}")
+
+
+def ours(model: Path, data: Path, out: Path, args) -> tuple[list[float], float]:
+    from trainer import config as C
+    from trainer.training import train
+    cfg = C.load_config(None, [
+        f"model.base={model}", f"data.dir={data}", f"data.resolution={args.resolution}",
+        f"data.min_bucket_px={args.resolution}", "lora.rank=16", "lora.alpha=16",
+        f"lora.train_text_encoder={'true' if args.train_te else 'false'}", f"train.max_steps={args.steps}",
+        "train.batch_size=1", "train.learning_rate=1e-4", f"output.dir={out}", "output.name=bench"])
+    times: list[float] = []
+    first = {}
+    t0 = time.perf_counter()
+
+    def on_event(e):
+        if e.type == "step":
+            first.setdefault("t", time.perf_counter() - t0)
+            times.append(e.time)
+    train(cfg, on_event=on_event, overwrite=True)
+    return [b - a for a, b in zip(times, times[1:])], first["t"]
+
+
+def raw(model: Path, args) -> list[float]:
+    """The floor: the same UNet with the same LoRA, cached-latent-shaped inputs, forward/backward/AdamW only."""
+    from diffusers import UNet2DConditionModel
+
+    from trainer import config as C
+    from trainer.lora_inject import inject_lora
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    torch.manual_seed(0)
+    lcfg = C.load_config(None, ["lora.rank=16", "lora.alpha=16"]).lora
+    handles = inject_lora(unet, [], lcfg, train_text_encoder=False)
+    opt = torch.optim.AdamW(handles.unet_params, lr=1e-4, weight_decay=0.01)
+    lat = args.resolution // 8
+    x = torch.randn(1, 4, lat, lat)
+    ctx = torch.randn(1, 77, 768)
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        t = torch.randint(0, 1000, (1,))
+        noise = torch.randn_like(x)
+        pred = unet(x + noise, t, ctx).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(handles.unet_params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--keep", help="reuse/keep the generated model in this folder")
+    ap.add_argument("--train-te", action="store_true", help="also train the text encoder (no TE-output cache)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lorastudio-bench-"))
+    model = Path(args.keep) if args.keep else tmp / "sd15-random"
+    if not (model / "model_index.json").exists():
+        t = time.perf_counter()
+        build_full_sd15(model)
+        print(f"built full-size SD1.5-architecture model in {time.perf_counter() - t:.1f} s")
+    make_images(tmp / "data", 4, args.resolution)
+    ours_dt, first = ours(model, tmp / "data", tmp / "out", args)
+    raw_dt = raw(model, args)
+    warm = max(2, args.steps // 4)
+    o = statistics.median(ours_dt[warm - 1:])
+    r = statistics.median(raw_dt[warm:])
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.resolution}px, batch 1, rank 16, "
+          f"text encoder {'trained' if args.train_te else 'frozen (outputs cached)'}, latents cached")
+    print(f"ours: {o:.3f} s/step   raw UNet+LoRA step: {r:.3f} s/step   ratio: {o / r:.3f} (goal <= 1.05)")
+    print(f"time to first step: {first:.1f} s   peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

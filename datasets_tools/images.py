@@ -177,8 +177,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # 1, L, CMYK, YCbCr, HSV
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode fully, rotate upright per EXIF, and convert to 8-bit RGB; raises ImageError if unusable."""
+def load_rgb(path: str | os.PathLike, *, draft_px: int | None = None) -> Image.Image:
+    """Decode fully, rotate upright per EXIF, and convert to 8-bit RGB; raises ImageError if unusable.
+
+    draft_px: only a preview is needed; JPEGs then decode at a reduced scale (at least draft_px per side).
+    """
     p = Path(path)
     try:
         f = open(p, "rb")
@@ -191,6 +194,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
             raise _open_error(p, e) from None
         try:
             orient = _orientation(img)
+            if draft_px:
+                img.draft("RGB", (draft_px, draft_px))
             img.load()
         except Image.DecompressionBombError:
             raise ImageError(p, "unreadable", "too many pixels") from None

@@ -15,7 +15,7 @@ from PIL import Image
 from .captions import CaptionWriter, image_caption_pairs, prefix_transform
 from .errors import DatasetError
 from .folder import Problem, check_folder, repeats_for
-from .images import ImageError, load_rgb
+from .images import ImageError, load_rgb, read_header
 
 CAPTIONERS = ("template", "blip", "wd14")
 Progress = Callable[[int, int], None]
@@ -349,6 +349,23 @@ def _norm(tag: str) -> str:
     return " ".join(tag.replace("_", " ").lower().split())
 
 
+def check_captioner_args(name: str, model: str | None) -> None:
+    """Cheap checks (no model loading) so a bad --model fails before any other work."""
+    name = (name or "").lower()
+    if name not in ("template", "blip", "blip2", "git", "transformers", "wd14", "wd", "tagger"):
+        raise DatasetError(f"unknown captioner '{name}'; choose one of {', '.join(CAPTIONERS)}", field="--captioner")
+    if name == "template":
+        return
+    model = _check_model_path(model, name)
+    p = Path(model)
+    if name in ("wd14", "wd", "tagger"):
+        if p.exists():
+            _resolve_wd14_files(model)
+    elif p.is_dir() and not (p / "config.json").is_file():
+        raise DatasetError(f"{model} is not a transformers model folder (no config.json)", path=model,
+                           field="--model")
+
+
 def get_captioner(name: str, model: str | None = None, **opts) -> Captioner:
     """Captioner by name: 'template' (offline), 'blip' (transformers image-to-text), 'wd14' (ONNX tagger)."""
     name = (name or "").lower()
@@ -413,13 +430,15 @@ def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: st
             chunk = todo[start:start + batch_size]
             images, paths, caps = [], [], []
             for img, cap in chunk:
-                if captioner.needs_pixels:
-                    try:
+                try:
+                    if captioner.needs_pixels:
                         images.append(load_rgb(img))
-                    except ImageError as e:
-                        run.failed.append(Problem(img.relative_to(root).as_posix(), e.reason.replace(" ", "_"),
-                                                  str(e)))
-                        continue
+                    else:
+                        read_header(img)  # no pixels needed, but a broken file must not get a caption
+                except ImageError as e:
+                    run.failed.append(Problem(img.relative_to(root).as_posix(), e.reason.replace(" ", "_"),
+                                              str(e)))
+                    continue
                 paths.append(img)
                 caps.append(cap)
             texts = captioner.caption_batch(images, paths) if paths else []

@@ -151,7 +151,8 @@ def test_template_captioner(ds):
     assert texts == ["zxq, zxq style, red car", "zxq, ds, green"]
     run = caption_folder(ds, get_captioner("template"), trigger="zxq", progress=lambda d, t: None)
     assert (ds / "3_zxq_style" / "blue-sky.txt").read_text() == "zxq, blue sky"
-    assert run.failed == []  # the template never decodes pixels
+    # No pixels needed, but the header is still read: a broken file gets no caption.
+    assert [p.kind for p in run.failed] == ["truncated"] and not (ds / "broken.txt").exists()
     with pytest.raises(DatasetError, match="uses {oops}"):
         get_captioner("template", template="{oops}")
 

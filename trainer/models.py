@@ -209,26 +209,29 @@ def _load_diffusers(location: str, source: str, dtype, *, local_only: bool) -> d
         except Exception as e:  # offline, not found, gated, network: all mean "cannot use this id"
             raise fail("model_index.json", e) from e
 
-    kw = dict(torch_dtype=dtype, local_files_only=local_only)
-    sdxl_index = "text_encoder_2" in index and index["text_encoder_2"] and index["text_encoder_2"][0] is not None
-    try:
-        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **kw)
-    except Exception as e:
-        raise fail("unet", e) from e
+    def pretrained(cls, subfolder: str):
+        # diffusers takes torch_dtype, transformers >= 5 takes dtype
+        kw = {"torch_dtype" if cls.__module__.startswith("diffusers") else "dtype": dtype,
+              "local_files_only": local_only, "subfolder": subfolder}
+        folder = Path(location) / subfolder
+        if local_only and not [f for f in folder.glob("*.safetensors") if ".fp16." not in f.name] \
+                and any(folder.glob("*.fp16.safetensors")):
+            kw["variant"] = "fp16"  # downloaded with only the half-precision files
+        try:  # (.bin weights, if that is all there is, are read by the libraries with weights_only=True)
+            return cls.from_pretrained(location, **kw).eval()
+        except Exception as e:
+            raise fail(subfolder, e) from e
+
+    sdxl_index = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
+    unet = pretrained(UNet2DConditionModel, "unet")
     family = _family_from_diffusers(index, unet.config, 2 if sdxl_index else 1)
-    try:
-        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **kw)
-    except Exception as e:
-        raise fail("vae", e) from e
+    vae = pretrained(AutoencoderKL, "vae")
     encoders, tokenizers = [], []
     names = [("text_encoder", "tokenizer", CLIPTextModel, "<|endoftext|>" if family != "sd2" else "!")]
     if family == "sdxl":
         names.append(("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection, "!"))
     for te_name, tok_name, cls, pad in names:
-        try:
-            encoders.append(cls.from_pretrained(location, subfolder=te_name, **kw).eval())
-        except Exception as e:
-            raise fail(te_name, e) from e
+        encoders.append(pretrained(cls, te_name))
         try:
             tokenizers.append(CLIPTokenizer.from_pretrained(location, subfolder=tok_name,
                                                             local_files_only=local_only))
@@ -241,6 +244,6 @@ def _load_diffusers(location: str, source: str, dtype, *, local_only: bool) -> d
         raise fail("scheduler config", e) from e
     sched = {k: v for k, v in dict(sched).items() if k != "_diffusers_version"}
     return dict(family=family, prediction_type=sched.get("prediction_type", "epsilon") or "epsilon",
-                unet=unet.eval(), vae=vae.eval(), text_encoders=encoders, tokenizers=tokenizers,
+                unet=unet, vae=vae, text_encoders=encoders, tokenizers=tokenizers,
                 scheduler_config=sched,
                 force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,7 +371,8 @@ def build_metadata(cfg, *, family: str, prediction_type: str, base_model_name: s
         "ss_base_model_version": base_version,
         "ss_output_name": out.name,
         "ss_training_started_at": str(float(started_at)),
-        "ss_training_finished_at": str(float(finished_at)),
+        # intermediate saves pass finished_at=0: the run has not finished
+        "ss_training_finished_at": str(float(finished_at)) if finished_at else "None",
         "ss_session_id": str(int(session_id)),
         "ss_epoch": str(int(epoch)),
         "ss_steps": str(int(steps)),
@@ -420,7 +422,7 @@ def build_metadata(cfg, *, family: str, prediction_type: str, base_model_name: s
         "modelspec.implementation_version": f"lorastudio/{__version__}",
         "modelspec.title": out.name,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.date": datetime.datetime.fromtimestamp(finished_at).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": datetime.datetime.fromtimestamp(finished_at or time.time()).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.encoder_layer": str(cfg.model.clip_skip),
     })

@@ -418,24 +418,8 @@ def load_single_file(path: str | Path, *, dtype=None, prediction_type: str = "au
     if family == "sd2" and not any(k.startswith(SD2_TE) for k in sd):
         sd = ckpt.tensors = {(SD2_TE + k[len(SD2_SGM_TE):]) if k.startswith(SD2_SGM_TE) else k: v
                              for k, v in sd.items()}
-    try:
-        if family == "sdxl":
-            te = [_build_clip(sd, family, "text_encoder", SDXL_TE1, path, dtype),
-                  _build_openclip(sd, family, "text_encoder_2", SDXL_TE2, path, dtype)]
-            tok = [clip_tokenizer("<|endoftext|>"), clip_tokenizer("!")]
-            unet = _build_unet(sd, family, path, dtype, pooled_dim=te[1].config.projection_dim)
-        elif family == "sd2":
-            te, tok = [_build_openclip(sd, family, "text_encoder", SD2_TE, path, dtype)], [clip_tokenizer("!")]
-            unet = _build_unet(sd, family, path, dtype)
-        else:
-            te, tok = [_build_clip(sd, family, "text_encoder", SD1_TE, path, dtype)], [clip_tokenizer()]
-            unet = _build_unet(sd, family, path, dtype)
-        has_vae = any(k.startswith(VAE) for k in sd)
-        vae = _build_vae(sd, family, path, dtype) if has_vae else None
-    except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: looks like {family} but its layout is not one LoRA Studio can read "
-                        f"({_first_line(e)})", path=str(path)) from e
-    if vae is None and need_vae:
+    has_vae = any(k.startswith(VAE) for k in sd)
+    if not has_vae and need_vae:
         raise UserError(f"{path}: the checkpoint has no VAE weights (first_stage_model.*); set model.vae to a "
                         "VAE .safetensors file or folder", path=str(path))
     pred, why = detect_prediction_type(ckpt, family, prediction_type)
@@ -443,6 +427,32 @@ def load_single_file(path: str | Path, *, dtype=None, prediction_type: str = "au
     sched["prediction_type"] = pred
     if "ztsnr" in sd:
         sched["rescale_betas_zero_snr"] = True
+
+    def done(prefix: str) -> None:
+        # drop what a component consumed, so a half-precision file cast to float32 is never held twice in full
+        for k in [k for k in sd if k.startswith(prefix)]:
+            del sd[k]
+
+    try:
+        if family == "sdxl":
+            te = [_build_clip(sd, family, "text_encoder", SDXL_TE1, path, dtype)]
+            done(SDXL_TE1)
+            te.append(_build_openclip(sd, family, "text_encoder_2", SDXL_TE2, path, dtype))
+            done(SDXL_TE2)
+            tok = [clip_tokenizer("<|endoftext|>"), clip_tokenizer("!")]
+        elif family == "sd2":
+            te, tok = [_build_openclip(sd, family, "text_encoder", SD2_TE, path, dtype)], [clip_tokenizer("!")]
+            done(SD2_TE)
+        else:
+            te, tok = [_build_clip(sd, family, "text_encoder", SD1_TE, path, dtype)], [clip_tokenizer()]
+            done(SD1_TE)
+        pooled = te[1].config.projection_dim if family == "sdxl" else None
+        unet = _build_unet(sd, family, path, dtype, pooled_dim=pooled)
+        done(UNET)
+        vae = _build_vae(sd, family, path, dtype) if has_vae else None
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{path}: looks like {family} but its layout is not one LoRA Studio can read "
+                        f"({_first_line(e)})", path=str(path)) from e
     log.info("%s: %s checkpoint, %s (%s), loaded in %.1f s", path.name, family, pred, why,
              time.perf_counter() - start)
     return SingleFileParts(family, pred, unet, vae, te, tok, sched)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -43,9 +44,16 @@ def make_buckets(resolution: int, min_px: int = 256, max_px: int = 1024, step: i
     return sorted(buckets)
 
 
-def _log_ar_error(w: float, h: float, bw: int, bh: int) -> float:
-    # Log ratios make 2:1 and 1:2 equally far from square (a plain ratio difference favours portrait).
-    return abs(math.log(w / h) - math.log(bw / bh))
+@functools.lru_cache(maxsize=64)
+def _log_table(buckets: tuple[tuple[int, int], ...]) -> list[tuple[float, int, tuple[int, int]]]:
+    return [(math.log(b[0] / b[1]), -b[0] * b[1], b) for b in buckets]
+
+
+def _nearest(buckets: tuple[tuple[int, int], ...], log_ar: float) -> tuple[int, int]:
+    # Log ratios make 2:1 and 1:2 equally far from square (a plain ratio difference favours portrait); ties go
+    # to the larger area, then the smaller (w, h), so the choice never depends on list order.
+    best = min(_log_table(buckets), key=lambda t: (abs(t[0] - log_ar), t[1], t[2]))
+    return best[2]
 
 
 def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]], *, no_upscale: bool = False,
@@ -60,7 +68,7 @@ def assign_bucket(width: int, height: int, buckets: list[tuple[int, int]], *, no
         raise DatasetError(f"image size {width}x{height} is not valid")
     if not buckets:
         raise DatasetError("no buckets to assign from")
-    best = min(buckets, key=lambda b: (_log_ar_error(width, height, *b), -b[0] * b[1], b))
+    best = _nearest(tuple(buckets), math.log(width / height))
     if not no_upscale or (best[0] <= width and best[1] <= height):
         return best
     scale = min(1.0, math.sqrt(resolution * resolution / (width * height)))

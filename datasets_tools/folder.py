@@ -36,8 +36,8 @@ class Problem:
 
 
 def check_folder(root: str | os.PathLike) -> Path:
-    """The folder as a Path, or a one-line DatasetError when it is missing, not a folder or not readable."""
-    p = Path(root).expanduser()
+    """The folder as an absolute Path, or a one-line DatasetError when it is missing, not a folder or unreadable."""
+    p = Path(root).expanduser().absolute()
     if not p.exists():
         raise DatasetError(f"dataset folder not found: {p}", path=str(p))
     if not p.is_dir():
@@ -47,61 +47,73 @@ def check_folder(root: str | os.PathLike) -> Path:
     return p
 
 
-def walk_files(root: Path) -> list[Path]:
-    """Every non-hidden file under root, sorted by relative path; hidden and cache folders skipped.
+def walk_paths(root: str | os.PathLike) -> list[str]:
+    """Every non-hidden file under root as a path string, sorted by relative path; hidden and cache folders skipped.
 
     Hidden files are skipped too: macOS '._name.jpg' resource forks carry image extensions but no image.
-    Folder symlinks are followed once (users link sub-sets in), loops are cut by real path.
+    Folder symlinks are followed once (users link sub-sets in), loops are cut by real path. Strings, not
+    Paths: on 10,000 files pathlib's parsing alone costs more than reading every header.
     """
-    out: list[Path] = []
+    out: list[str] = []
     seen: set[str] = set()
 
-    def walk(d: Path) -> None:
+    def walk(d: str) -> None:
         real = os.path.realpath(d)
         if real in seen:
             return
         seen.add(real)
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
         except OSError:
-            return  # reported by the caller only for root; unreadable sub-folders are skipped
+            return  # the root was checked by the caller; unreadable sub-folders are skipped
         for e in entries:
             if e.name.startswith(".") or e.name in CACHE_DIR_NAMES:
                 continue
             try:
                 if e.is_dir():
-                    walk(Path(e.path))
+                    walk(e.path)
                 elif e.is_file():
-                    out.append(Path(e.path))
+                    out.append(e.path)
             except OSError:
                 continue
 
-    walk(root)
+    walk(str(root))
     return out
 
 
-def repeats_for(path: Path, root: Path, default_repeats: int = 1) -> tuple[int, str]:
-    """(repeats, subset) from the nearest 'N_name' folder between root (excluded) and the file."""
-    rel_parent = path.parent.relative_to(root)
-    parts = rel_parent.parts
+def walk_files(root: str | os.PathLike) -> list[Path]:
+    """walk_paths as Path objects."""
+    return [Path(p) for p in walk_paths(root)]
+
+
+def _repeats_for_rel_dir(rel_dir: str, default_repeats: int) -> tuple[int, str]:
+    parts = [p for p in rel_dir.split("/") if p and p != "."]
     for i in range(len(parts) - 1, -1, -1):
         m = _REPEATS_DIR.match(parts[i])
         if m and int(m.group(1)) >= 1:
-            return int(m.group(1)), Path(*parts[: i + 1]).as_posix()
-    return default_repeats, rel_parent.as_posix() or "."
+            return int(m.group(1)), "/".join(parts[: i + 1])
+    return default_repeats, "/".join(parts) or "."
+
+
+def repeats_for(path: str | os.PathLike, root: str | os.PathLike, default_repeats: int = 1) -> tuple[int, str]:
+    """(repeats, subset) from the nearest 'N_name' folder between root (excluded) and the file."""
+    rel_dir = os.path.relpath(os.path.dirname(os.fspath(path)), os.fspath(root)).replace(os.sep, "/")
+    return _repeats_for_rel_dir(rel_dir, default_repeats)
 
 
 def caption_path(image: Path, caption_extension: str = ".txt") -> Path:
     return image.with_name(image.stem + caption_extension)
 
 
-def read_caption(path: Path) -> str:
+def read_caption(path: str | os.PathLike) -> str:
     # utf-8-sig: Windows editors prepend a BOM that would otherwise end up inside the first tag.
-    return path.read_text(encoding="utf-8-sig").strip()
+    with open(path, encoding="utf-8-sig") as f:
+        return f.read().strip()
 
 
-def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+def is_image_file(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
 def collect_images(root: str | os.PathLike, *, caption_extension: str = ".txt", default_caption: str = "",
@@ -114,40 +126,50 @@ def collect_images(root: str | os.PathLike, *, caption_extension: str = ".txt", 
 
 def collect_with_headers(root: str | os.PathLike, *, caption_extension: str = ".txt", default_caption: str = "",
                          default_repeats: int = 1) -> tuple[list[ImageItem], list[ImageHeader], list[Problem]]:
-    """collect_images plus each item's full header (mode, format, orientation), for the scan report."""
+    """collect_images plus each item's full header (mode, format, orientation, file size, tail check)."""
     root = check_folder(root)
+    root_s = os.fspath(root)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
-    files = walk_files(root)
-    images = [f for f in files if is_image_file(f)]
+    files = walk_paths(root_s)
+    file_set = set(files)  # caption lookups by set membership instead of one stat per image
     items: list[ImageItem] = []
     headers: list[ImageHeader] = []
     problems: list[Problem] = []
-    for path in images:
+    repeats_cache: dict[str, tuple[int, str]] = {}
+    image_stems: set[str] = set()
+    for path in files:
+        stem, ext = os.path.splitext(path)
+        if ext.lower() not in IMAGE_EXTENSIONS:
+            continue
+        image_stems.add(stem)
         try:
             head = read_header(path)
         except ImageError as e:
-            problems.append(Problem(str(path), e.reason.replace(" ", "_"), str(e)))
+            problems.append(Problem(path, e.reason.replace(" ", "_"), str(e)))
             continue
-        repeats, subset = repeats_for(path, root, default_repeats)
-        cap_file = caption_path(path, caption_extension)
+        d = os.path.dirname(path)
+        if d not in repeats_cache:
+            rel_dir = os.path.relpath(d, root_s).replace(os.sep, "/")
+            repeats_cache[d] = _repeats_for_rel_dir(rel_dir, default_repeats)
+        repeats, subset = repeats_cache[d]
+        cap_file = stem + caption_extension
         caption, has_caption = default_caption, False
-        if cap_file.is_file():
+        if cap_file in file_set:
             try:
                 caption, has_caption = read_caption(cap_file), True
             except (OSError, UnicodeDecodeError) as e:
-                problems.append(Problem(str(cap_file), "unreadable_caption",
+                problems.append(Problem(cap_file, "unreadable_caption",
                                         f"{cap_file}: caption not readable as UTF-8 text ({type(e).__name__}); "
                                         f"using the default caption"))
         else:
-            problems.append(Problem(str(path), "missing_caption",
+            problems.append(Problem(path, "missing_caption",
                                     f"{path}: no {caption_extension} caption; using "
                                     + (f"'{default_caption}'" if default_caption else "an empty caption")))
-        items.append(ImageItem(path, caption, has_caption, repeats, subset, head.width, head.height))
+        items.append(ImageItem(Path(path), caption, has_caption, repeats, subset, head.width, head.height))
         headers.append(head)
-    image_stems = {(f.parent, f.stem) for f in images}
     for f in files:
-        if (f.name.endswith(caption_extension) and not is_image_file(f)
-                and (f.parent, f.name[: -len(caption_extension)]) not in image_stems):
-            problems.append(Problem(str(f), "caption_without_image", f"{f}: caption file without a matching image"))
+        if (f.endswith(caption_extension) and not is_image_file(f)
+                and f[: -len(caption_extension)] not in image_stems):
+            problems.append(Problem(f, "caption_without_image", f"{f}: caption file without a matching image"))
     return items, headers, problems

@@ -49,6 +49,8 @@ class ImageHeader:
     mode: str
     format: str
     orientation: int = 1
+    file_size: int = 0
+    tail_ok: bool = True  # False: the file's last bytes suggest truncation (see check_tail); decode to confirm
 
 
 def _looks_like_image(path: Path) -> bool:
@@ -95,20 +97,54 @@ def _orientation(img: Image.Image) -> int:
 
 
 def read_header(path: str | os.PathLike) -> ImageHeader:
-    """Open lazily and read size, mode, format and EXIF orientation without decoding pixels."""
-    p = Path(path)
+    """Open lazily and read size, mode, format and EXIF orientation without decoding pixels.
+
+    The same open file also yields the size and a cheap tail check, so a scan touches each file once.
+    """
     try:
-        with Image.open(p) as img:
+        f = open(path, "rb")
+    except Exception as e:
+        raise _open_error(Path(path), e) from None
+    with f:
+        try:
+            img = Image.open(f)
             w, h = img.size
             orient = _orientation(img)
             mode, fmt = img.mode, img.format or ""
-    except Exception as e:
-        raise _open_error(p, e) from None
+        except Exception as e:
+            raise _open_error(Path(path), e) from None
+        size = os.fstat(f.fileno()).st_size
+        tail_ok = _tail_ok(f, size, fmt)
     if w <= 0 or h <= 0:
-        raise ImageError(p, "unreadable", f"size {w}x{h}")
+        raise ImageError(path, "unreadable", f"size {w}x{h}")
     if orient in (5, 6, 7, 8):
         w, h = h, w
-    return ImageHeader(str(p), w, h, mode, fmt, orient)
+    return ImageHeader(os.fspath(path), w, h, mode, fmt, orient, size, tail_ok)
+
+
+def _tail_ok(f, size: int, fmt: str) -> bool:
+    try:
+        if fmt in ("JPEG", "MPO"):
+            f.seek(max(0, size - 2048))
+            return b"\xff\xd9" in f.read()
+        if fmt == "PNG":
+            f.seek(max(0, size - 256))
+            return b"IEND" in f.read()
+        if fmt == "GIF":
+            f.seek(max(0, size - 1))
+            return f.read(1) == b";"
+        if fmt == "WEBP":
+            f.seek(0)
+            head = f.read(8)
+            return len(head) == 8 and struct.unpack("<I", head[4:8])[0] + 8 <= size
+        if fmt == "BMP":
+            f.seek(0)
+            head = f.read(6)
+            declared = struct.unpack("<I", head[2:6])[0] if len(head) == 6 else 0
+            return declared == 0 or declared <= size
+    except OSError:
+        return False
+    return True  # TIFF and others: strips can sit anywhere, only a decode can tell
 
 
 def check_tail(path: str | os.PathLike, fmt: str) -> bool:
@@ -116,29 +152,11 @@ def check_tail(path: str | os.PathLike, fmt: str) -> bool:
 
     Files may carry trailing data (phones append videos to JPEGs), so a False here is only a hint.
     """
-    p = Path(path)
     try:
-        size = p.stat().st_size
-        with open(p, "rb") as f:
-            if fmt in ("JPEG", "MPO"):
-                f.seek(max(0, size - 2048))
-                return b"\xff\xd9" in f.read()
-            if fmt == "PNG":
-                f.seek(max(0, size - 256))
-                return b"IEND" in f.read()
-            if fmt == "GIF":
-                f.seek(max(0, size - 1))
-                return f.read(1) == b";"
-            if fmt == "WEBP":
-                head = f.read(8)
-                return len(head) == 8 and struct.unpack("<I", head[4:8])[0] + 8 <= size
-            if fmt == "BMP":
-                head = f.read(6)
-                declared = struct.unpack("<I", head[2:6])[0] if len(head) == 6 else 0
-                return declared == 0 or declared <= size
+        with open(path, "rb") as f:
+            return _tail_ok(f, os.fstat(f.fileno()).st_size, fmt)
     except OSError:
         return False
-    return True  # TIFF and others: strips can sit anywhere, only a decode can tell
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

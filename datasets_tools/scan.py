@@ -15,7 +15,7 @@ from PIL import Image
 
 from .bucketing import assign_bucket, crop_plan, make_buckets
 from .folder import Problem, collect_with_headers
-from .images import _TRANSPOSE, ImageError, check_tail, load_rgb
+from .images import _TRANSPOSE, ImageError, load_rgb
 
 # Problems that make the trainer skip the file; everything else is a warning.
 ERROR_KINDS = {"truncated", "empty", "not_an_image", "unreadable"}
@@ -94,11 +94,11 @@ class ScanReport:
         return format_summary(self, max_files=max_files)
 
 
-def _rel(path: Path | str, root: Path) -> str:
-    try:
-        return Path(path).relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+def _rel(path: Path | str, root: Path | str) -> str:
+    path, root = os.fspath(path), os.fspath(root).rstrip(os.sep)
+    if path.startswith(root + os.sep):
+        return path[len(root) + 1:].replace(os.sep, "/")
+    return path
 
 
 def phash(img: Image.Image) -> int:
@@ -190,7 +190,7 @@ def scan_folder(root: str | os.PathLike, *, resolution: int = 512, min_px: int =
     buckets = make_buckets(resolution, min_px, max_px, step)
     items, headers, problems = collect_with_headers(root, caption_extension=caption_extension,
                                                     default_repeats=default_repeats)
-    root_p = Path(root).expanduser()
+    root_p = Path(root).expanduser().absolute()
     report = ScanReport(str(root_p.resolve()), settings)
     for p in problems:
         p.path = _rel(p.path, root_p)
@@ -204,11 +204,8 @@ def scan_folder(root: str | os.PathLike, *, resolution: int = 512, min_px: int =
     sizes: dict[int, list[int]] = defaultdict(list)
     for n, (item, head) in enumerate(zip(items, headers)):
         rel = _rel(item.path, root_p)
-        try:
-            file_size = item.path.stat().st_size
-        except OSError:
-            file_size = 0
-        if full_decode or not check_tail(item.path, head.format):
+        file_size = head.file_size
+        if full_decode or not head.tail_ok:
             try:
                 load_rgb(item.path)
             except ImageError as e:

@@ -51,7 +51,7 @@ def run_training(args, argv_for_log: list[str]) -> int:
             base = load_config(resolve_preset(args.preset))
         cfg = load_config(args.config, args.set, base=base)
         from .training import train as _train
-        res = _train(cfg, on_event=ProgressBar(disable=not is_main), should_stop=lambda: stop["flag"],
+        res = _train(cfg, on_event=ProgressBar(disable=True if not is_main else None), should_stop=lambda: stop["flag"],
                      resume=args.resume, overwrite=args.overwrite, command=" ".join(argv_for_log))
     except UserError as e:
         if is_main:

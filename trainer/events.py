@@ -165,6 +165,9 @@ class ProgressBar:
         elif isinstance(event, Checkpoint):
             self._write(f"checkpoint saved at step {event.step}: {event.path}")
         elif isinstance(event, RunEnded):
+            if self._phase is not None:
+                self._phase.close()
+                self._phase = None
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None

@@ -337,7 +337,19 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
                   metadata=meta, save_precision=cfg.output.save_precision)
         return path
 
+    def diverged(step: int, what: str):
+        last = latest_checkpoint(run_dir)
+        keep = f"; the last good checkpoint is {last}" if last else ""
+        return UserError(f"{what} at step {step}: training diverged; lower train.learning_rate (now "
+                         f"{tr.learning_rate:g}){keep}", field="train.learning_rate")
+
+    def check_finite(step: int) -> None:
+        # Never save a checkpoint or LoRA with NaN/inf weights: the last good checkpoint stays the newest.
+        if not all(torch.isfinite(p).all() for p in params):
+            raise diverged(step, "LoRA weights became non-finite")
+
     def checkpoint(step: int) -> None:
+        check_finite(step)
         if is_main:
             p = save_checkpoint(run_dir, step, modules={k: unwrapped(v) for k, v in trained.items()},
                                 optimizer=optimizer, scheduler=scheduler,
@@ -421,10 +433,7 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
         step += 1
         loss_val = accelerator.gather(loss_sum[None]).mean().item() / tr.gradient_accumulation_steps
         if not math.isfinite(loss_val):
-            last = latest_checkpoint(run_dir)
-            keep = f"; the last good checkpoint is {last}" if last else ""
-            raise UserError(f"loss became {loss_val} at step {step}: training diverged; lower "
-                            f"train.learning_rate (now {tr.learning_rate:g}){keep}", field="train.learning_rate")
+            raise diverged(step, f"loss became {loss_val}")
         now = time.perf_counter()
         dt, step_clock = now - step_clock, now
         ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
@@ -442,6 +451,7 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
 
     # ---- final save: the LoRA (kohya format, self-checked), optional diffusers file, a last checkpoint
     lora_path = run_dir / f"{cfg.output.name}.safetensors"
+    check_finite(step)
     if is_main:
         save_lora_file(lora_path, step, True)
         if cfg.output.also_diffusers:

@@ -149,9 +149,8 @@ def plan_image(width: int, height: int, *, resolution: int = 512, min_px: int = 
                step: int = 64, no_upscale: bool = False, enable_bucket: bool = True,
                buckets: list[tuple[int, int]] | None = None) -> CropPlan:
     """Bucket and crop for one image from the data settings; the trainer and the preview both call this."""
-    if not enable_bucket:
-        side = resolution // step * step  # bucketing off: every image is centre-cropped square
-        return crop_plan(width, height, (side, side))
+    if not enable_bucket:  # bucketing off: every image is centre-cropped to one resolution x resolution square
+        return crop_plan(width, height, (resolution, resolution))
     if buckets is None:
         buckets = make_buckets(resolution, min_px, max_px, step)
     bucket = assign_bucket(width, height, buckets, no_upscale=no_upscale, resolution=resolution, step=step)

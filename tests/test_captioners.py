@@ -208,3 +208,13 @@ def test_pattern_images_caption_in_batches(tmp_path):
                          progress=lambda d, t: seen.append((d, t)))
     assert len(run.written) == 5 and seen == [(2, 5), (4, 5), (5, 5)]
     assert len(C.list_backups(root)) == 1  # one undo for the whole run
+
+
+@pytest.mark.gpu
+def test_blip_on_gpu_in_half_precision(tiny_blip):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cap = get_captioner("blip", model=str(tiny_blip), max_new_tokens=6, num_beams=1)
+    assert cap.device == "cuda" and next(cap.model.parameters()).dtype == torch.float16
+    assert len(cap.caption_batch([Image.new("RGB", (50, 40), "red")] * 3)) == 3

@@ -218,3 +218,26 @@ def test_blip_on_gpu_in_half_precision(tiny_blip):
     cap = get_captioner("blip", model=str(tiny_blip), max_new_tokens=6, num_beams=1)
     assert cap.device == "cuda" and next(cap.model.parameters()).dtype == torch.float16
     assert len(cap.caption_batch([Image.new("RGB", (50, 40), "red")] * 3)) == 3
+
+
+def test_git_model_through_the_same_loader(tmp_path):
+    """'Any image-to-text model': a tiny GitForCausalLM (decoder-only) loads and captions through the blip path."""
+    import torch
+    from transformers import BertTokenizer, CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
+
+    d = tmp_path / "tiny_git"
+    d.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "cat", "dog", "photo", "of", "the", "red", "blue"]
+    (d / "vocab.txt").write_text("\n".join(words) + "\n")
+    cfg = GitConfig(vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+                    vocab_size=len(words), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                    num_attention_heads=2, max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    GitForCausalLM(cfg).save_pretrained(d)
+    GitProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                 tokenizer=BertTokenizer(str(d / "vocab.txt"))).save_pretrained(d)
+    cap = get_captioner("blip", model=str(d), max_new_tokens=5, num_beams=1)
+    assert "GitForCausalLM" in cap.describe()
+    texts = cap.caption_batch([Image.new("RGB", (50, 40), "red"), Image.new("RGB", (40, 50), "blue")])
+    assert len(texts) == 2 and all(t and "[" not in t for t in texts)

@@ -116,3 +116,64 @@ def captured_logs():
 
 def now() -> float:
     return time.time()
+
+
+# ---------------------------------------------------------------------------------- independent LDM naming
+
+_RESNET_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def ldm_module_map(unet) -> dict[str, str]:
+    """diffusers module path -> LDM/SGM module path for every module with parameters.
+
+    Written here from the order in which the original (openaimodel) UNet appends its layers, independently of
+    trainer.keymap; test_key_resolution checks it against diffusers' own single-file converter.
+    """
+    cfg = unet.config
+    n = cfg.layers_per_block
+    out = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if getattr(unet, "add_embedding", None) is not None:
+        out.update({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
+
+    def resnet(src: str, dst: str, module):
+        for name, _ in module.named_children():
+            out[f"{src}.{name}"] = f"{dst}.{_RESNET_LDM[name]}" if name in _RESNET_LDM else None
+
+    def attention(src: str, dst: str, module):
+        for name, m in module.named_modules():
+            if name and any(True for _ in m.parameters(recurse=False)):
+                out[f"{src}.{name}"] = f"{dst}.{name}"
+
+    k = 1
+    for i, block in enumerate(unet.down_blocks):
+        attns = getattr(block, "attentions", None)
+        for j in range(n):
+            resnet(f"down_blocks.{i}.resnets.{j}", f"input_blocks.{k}.0", block.resnets[j])
+            if attns is not None:
+                attention(f"down_blocks.{i}.attentions.{j}", f"input_blocks.{k}.1", attns[j])
+            k += 1
+        if block.downsamplers is not None:
+            out[f"down_blocks.{i}.downsamplers.0.conv"] = f"input_blocks.{k}.0.op"
+            k += 1
+    mid = unet.mid_block
+    resnet("mid_block.resnets.0", "middle_block.0", mid.resnets[0])
+    attention("mid_block.attentions.0", "middle_block.1", mid.attentions[0])
+    resnet("mid_block.resnets.1", "middle_block.2", mid.resnets[1])
+    k = 0
+    for i, block in enumerate(unet.up_blocks):
+        attns = getattr(block, "attentions", None)
+        for j in range(n + 1):
+            resnet(f"up_blocks.{i}.resnets.{j}", f"output_blocks.{k}.0", block.resnets[j])
+            if attns is not None:
+                attention(f"up_blocks.{i}.attentions.{j}", f"output_blocks.{k}.1", attns[j])
+            if j == n and block.upsamplers is not None:
+                # Upsample is appended after the SpatialTransformer when the block has one
+                out[f"up_blocks.{i}.upsamplers.0.conv"] = f"output_blocks.{k}.{2 if attns is not None else 1}.conv"
+            k += 1
+    return {d: l for d, l in out.items() if l is not None}
+
+
+def lora_layer_paths(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]

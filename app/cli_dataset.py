@@ -76,8 +76,8 @@ def register(sub) -> None:
                    "images without a caption get one")
     e.add_argument("--replace", metavar="'FIND=>REPL'", action="append", default=[],
                    help="replace whole words/tags (repeatable); an empty REPL deletes")
-    e.add_argument("--remove-tags", metavar="TAGS", action="append", default=[],
-                   help="comma-separated tags to remove (underscores and spaces match each other)")
+    e.add_argument("--remove-tags", metavar="TAG", action="extend", nargs="+", default=[],
+                   help="tags to remove, space- or comma-separated (underscores and spaces match each other)")
     e.add_argument("--dedupe", action="store_true", help="drop repeated tags within each caption")
     e.add_argument("--stats", action="store_true", help="print the tag frequency table")
     e.add_argument("--stats-json", metavar="JSON", help="write {folder: {tag: count}} (kohya ss_tag_frequency)")

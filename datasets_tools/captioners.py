@@ -407,6 +407,8 @@ def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: st
     root = check_folder(root).resolve()
     if batch_size < 1:
         raise DatasetError(f"batch size must be at least 1, got {batch_size}", field="--batch-size")
+    if isinstance(captioner, TemplateCaptioner) and captioner.root is None:
+        captioner.root = root  # {folder} then means the dataset sub-set ('10_zxq' -> 'zxq'), as in the CLI
     pairs = image_caption_pairs(root, caption_extension)
     run = CaptionRun()
     todo = []

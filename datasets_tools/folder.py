@@ -47,12 +47,13 @@ def check_folder(root: str | os.PathLike) -> Path:
     return p
 
 
-def walk_paths(root: str | os.PathLike) -> list[str]:
+def walk_paths(root: str | os.PathLike, errors: list[tuple[str, str]] | None = None) -> list[str]:
     """Every non-hidden file under root as a path string, sorted by relative path; hidden and cache folders skipped.
 
     Hidden files are skipped too: macOS '._name.jpg' resource forks carry image extensions but no image.
     Folder symlinks are followed once (users link sub-sets in), loops are cut by real path. Strings, not
-    Paths: on 10,000 files pathlib's parsing alone costs more than reading every header.
+    Paths: on 10,000 files pathlib's parsing alone costs more than reading every header. Sub-folders that
+    cannot be listed are skipped and, when ``errors`` is given, appended to it as (path, reason).
     """
     out: list[str] = []
     seen: set[str] = set()
@@ -65,8 +66,10 @@ def walk_paths(root: str | os.PathLike) -> list[str]:
         try:
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            return  # the root was checked by the caller; unreadable sub-folders are skipped
+        except OSError as e:
+            if errors is not None:
+                errors.append((d, e.strerror or type(e).__name__))
+            return
         for e in entries:
             if e.name.startswith(".") or e.name in CACHE_DIR_NAMES:
                 continue
@@ -131,11 +134,13 @@ def collect_with_headers(root: str | os.PathLike, *, caption_extension: str = ".
     root_s = os.fspath(root)
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
-    files = walk_paths(root_s)
+    walk_errors: list[tuple[str, str]] = []
+    files = walk_paths(root_s, walk_errors)
     file_set = set(files)  # caption lookups by set membership instead of one stat per image
     items: list[ImageItem] = []
     headers: list[ImageHeader] = []
-    problems: list[Problem] = []
+    problems = [Problem(d, "unreadable", f"{d}: folder cannot be listed ({why}); its images are skipped")
+                for d, why in walk_errors]
     repeats_cache: dict[str, tuple[int, str]] = {}
     image_stems: set[str] = set()
     for path in files:

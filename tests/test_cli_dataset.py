@@ -94,3 +94,13 @@ def test_bad_caption_arguments(ds):
     assert_one_line_error(run_cli("captions", ds), "nothing to do")
     assert_one_line_error(run_cli("captions", ds, "--undo"), "nothing to undo")
     assert_one_line_error(run_cli("prepare", ds, "--report", ds / "missing_dir" / "r.json"), "does not exist")
+
+
+def test_remove_tags_space_or_comma_and_dry_run(ds):
+    r = run_cli("captions", ds, "--remove-tags", "long hair", "dog,cat", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "would change 10_zxq/a.txt" in r.stdout and "would change 10_zxq/b.txt" in r.stdout
+    assert (ds / "10_zxq" / "a.txt").read_text() == "zxq, cat, cat, long_hair"  # dry run wrote nothing
+    r = run_cli("captions", ds, "--remove-tags", "long hair", "dog,cat")
+    assert r.returncode == 0, r.stderr
+    assert (ds / "10_zxq" / "a.txt").read_text() == "zxq" and (ds / "10_zxq" / "b.txt").read_text() == ""

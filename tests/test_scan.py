@@ -87,3 +87,20 @@ def test_phash_robust_to_resize_and_distinct_otherwise():
     assert bin(a ^ b).count("1") <= 4
     assert bin(a ^ c).count("1") > 12
     assert near_pairs([a, b, c]) == [(0, 1, bin(a ^ b).count("1"))]
+
+
+def test_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
+    import os as _os
+
+    root = make_dataset(tmp_path / "ds")
+    real_scandir = _os.scandir
+
+    def scandir(path):
+        if str(path).endswith("extra"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr("datasets_tools.folder.os.scandir", scandir)
+    report = scan_folder(root, near_duplicates=False)
+    assert report.problems_by_file()["extra"] == ["unreadable"]
+    assert not any(r.path.startswith("extra/") for r in report.images)

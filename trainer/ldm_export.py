@@ -70,7 +70,8 @@ def _unet_prefix_map(config) -> list[tuple[str, str]]:
                       (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{n}.1.")]
         if i < levels - 1:
             # LDM puts the upsampler after the attention when the level has one.
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (lpb + 1) + lpb}.{2 if up_has_attn else 1}."))
+            last = i * (lpb + 1) + lpb
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{last}.{2 if up_has_attn else 1}."))
     return pairs
 
 

@@ -90,7 +90,8 @@ def load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
     elif path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(f"{source}: model.base must be a diffusers folder, a hub id or a .safetensors "
-                            f"checkpoint, not a '{path.suffix or 'no extension'}' file", field="model.base", path=source)
+                            f"checkpoint, not a '{path.suffix or 'no extension'}' file",
+                            field="model.base", path=source)
         parts = vars(load_single_file(path, dtype=dtype, prediction_type=requested_pred,
                                       need_vae=not getattr(model_cfg, "vae", "")))
     elif _looks_like_hub_id(source):
@@ -197,7 +198,8 @@ def _load_diffusers(location: str, source: str, dtype, *, local_only: bool) -> d
             hint = " (it looks like a single component; give the folder above it)" \
                 if (Path(location) / "config.json").is_file() else ""
             raise UserError(f"{source}: not a diffusers model folder (no model_index.json){hint}; give the folder "
-                            "that holds model_index.json, or a .safetensors checkpoint", field="model.base", path=source)
+                            "that holds model_index.json, or a .safetensors checkpoint",
+                            field="model.base", path=source)
         try:
             index = json.loads(index_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:

@@ -79,6 +79,10 @@ def _bad_file(path: Path, why: str) -> UserError:
     return UserError(f"{path}: {why}", path=str(path))
 
 
+def _not_safetensors(path: Path, e: BaseException) -> UserError:
+    return _bad_file(path, f"not a valid .safetensors file ({_first_line(e)}); re-download or re-export it")
+
+
 def read_header(path: str | Path) -> tuple[list[str], dict]:
     """Tensor names and metadata of a .safetensors file without reading the weights (fast on 7 GB files)."""
     from safetensors import safe_open
@@ -91,7 +95,7 @@ def read_header(path: str | Path) -> tuple[list[str], dict]:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys()), dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for every kind of damage
-        raise _bad_file(path, f"not a valid .safetensors file ({_first_line(e)}); re-download or re-export it") from e
+        raise _not_safetensors(path, e) from e
 
 
 def _check_file(path: Path) -> None:
@@ -121,7 +125,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                 metadata = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:
-            raise _bad_file(path, f"not a valid .safetensors file ({_first_line(e)}); re-download or re-export it") from e
+            raise _not_safetensors(path, e) from e
         return Checkpoint(path, tensors, metadata)
     import torch
     try:  # weights_only: a .ckpt is a pickle, and a pickle can run code; this refuses anything but tensors
@@ -406,7 +410,6 @@ def load_single_file(path: str | Path, *, dtype=None, prediction_type: str = "au
                      need_vae: bool = True) -> SingleFileParts:
     """Every component of a single-file checkpoint, built offline from the shipped configs and the file's shapes."""
     import torch
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint  # noqa: F401 (fail early if gone)
 
     from .tokenizers import clip_tokenizer
     dtype = dtype or torch.float32

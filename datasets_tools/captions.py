@@ -23,15 +23,27 @@ Transform = Callable[[str], str]
 
 
 # ----------------------------------------------------------------------------------------------- file writing
-def atomic_write_text(path: Path, text: str) -> Path:
+def _new_file_mode(path: Path) -> int:
+    # mkstemp creates 0600 files; keep an existing file's mode, else what a plain open() would give.
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Write to a temporary file in the same folder, then rename over the target: readers never see half a file."""
     path = Path(path)
+    mode = _new_file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -40,6 +52,10 @@ def atomic_write_text(path: Path, text: str) -> Path:
             pass
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def ensure_writable(dirs: set[Path] | list[Path]) -> None:
@@ -259,11 +275,7 @@ def _restore(root: Path, backup: Path, only: list[Path] | None = None) -> tuple[
             continue
         target = root / rel
         if existed:
-            tmp_text = (backup / "files" / rel).read_bytes()
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(tmp_text)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, (backup / "files" / rel).read_bytes())
             restored.append(rel)
         elif target.exists():
             target.unlink()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,8 +11,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from .bucketing import make_buckets, plan_image
+from .captions import atomic_write_bytes
 from .errors import DatasetError
-from .folder import ImageItem, collect_images
+from .folder import collect_images
 from .images import ImageError, load_rgb
 
 
@@ -148,12 +149,10 @@ def contact_sheet(source, out_png: str | os.PathLike, *, thumb_px: int = 192, co
     out = Path(out_png)
     if not out.parent.exists():
         raise DatasetError(f"folder for the contact sheet does not exist: {out.parent}", path=str(out))
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
     try:
-        sheet.save(tmp, "PNG")
-        os.replace(tmp, out)
+        atomic_write_bytes(out, buf.getvalue())
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise DatasetError(f"cannot write contact sheet {out}: {e.strerror or e}", path=str(out)) from None
     return out

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .bucketing import assign_bucket, crop_plan, make_buckets
 from .folder import Problem, collect_with_headers
-from .images import _TRANSPOSE, ImageError, load_rgb
+from .images import ImageError, load_rgb
 
 # Problems that make the trainer skip the file; everything else is a warning.
 ERROR_KINDS = {"truncated", "empty", "not_an_image", "unreadable"}
@@ -113,19 +113,11 @@ def phash(img: Image.Image) -> int:
 
 
 def thumbnail_hash(path: Path, orientation: int = 1) -> int:
-    """phash of a file decoded at reduced size (JPEG draft mode decodes at 1/8 scale directly)."""
-    try:
-        with Image.open(path) as img:
-            img.draft("L", (64, 64))
-            img.load()
-            img = img if img.mode in ("L", "RGB") else load_rgb(path)
-    except ImageError:
-        raise
-    except Exception as e:
-        raise ImageError(path, "truncated", str(e) or type(e).__name__) from None
-    if orientation in _TRANSPOSE:
-        img = img.transpose(_TRANSPOSE[orientation])
-    return phash(img)
+    """phash of the upright image decoded at reduced size (JPEG draft mode decodes at 1/8 scale directly).
+
+    orientation is accepted for callers that have it; load_rgb applies the file's own EXIF rotation.
+    """
+    return phash(load_rgb(path, draft_px=64))
 
 
 def _groups_from_pairs(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:

@@ -107,3 +107,15 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     C.atomic_write_text(p, "hello")
     C.atomic_write_text(p, "world")
     assert p.read_text() == "world" and [f.name for f in tmp_path.iterdir()] == ["x.txt"]
+    # Not mkstemp's 0600: a new file gets the umask's mode, an existing one keeps its own.
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        C.atomic_write_text(tmp_path / "new.txt", "x")
+        assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+    p.chmod(0o640)
+    C.atomic_write_text(p, "again")
+    assert p.stat().st_mode & 0o777 == 0o640

@@ -46,6 +46,8 @@ def _close(x, y, what):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_folder_and_single_file_load_the_same_model(pairs, family):
     a, file, b = pairs(family)
+    from trainer.models import detect_family
+    assert detect_family(a.source) == detect_family(file) == family
     for m in (a, b):
         assert m.family == family
         assert m.prediction_type == EXPECTED_PRED[family]

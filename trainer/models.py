@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .single_file import SUFFIXES, detect_family, load_single_file, load_vae_file  # noqa: F401 (re-export)
+from . import single_file
+from .single_file import SUFFIXES, load_single_file, load_vae_file
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,20 @@ def load_vae(source: str, *, family: str, dtype=None, scaling_factor: float | No
                             f"({_first_line(e)}); download it and set model.vae to its folder or file",
                             field="model.vae") from e
     raise UserError(f"{source}: no such file or folder (model.vae)", field="model.vae", path=source)
+
+
+def detect_family(path_or_keys) -> str:
+    """'sd1' | 'sd2' | 'sdxl' of a checkpoint file, its key names, or a diffusers folder (reads only configs)."""
+    if isinstance(path_or_keys, (str, Path)) and Path(path_or_keys).is_dir():
+        folder = Path(path_or_keys)
+        try:
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+            unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{folder}: not a diffusers model folder ({_first_line(e)})", path=str(folder)) from e
+        te2 = index.get("text_encoder_2") or [None]
+        return _family_from_diffusers(index, unet, 2 if te2[0] is not None else 1)
+    return single_file.detect_family(path_or_keys)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers

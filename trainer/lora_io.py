@@ -309,7 +309,7 @@ def save_diffusers_lora(out_dir: str | Path, unet, text_encoders: list, *, famil
         kwargs["unet_lora_adapter_metadata"] = config(unet)
     for i, te in enumerate(text_encoders):
         if te is not None and any(True for _ in iter_lora_layers(te, adapter_name)):
-            kwargs[f"{TE_COMPONENTS[i]}iter_lora_layers"] = state(te, True)
+            kwargs[f"{TE_COMPONENTS[i]}_lora_layers"] = state(te, True)
             kwargs[f"{TE_COMPONENTS[i]}_lora_adapter_metadata"] = config(te)
     if not kwargs:
         raise RuntimeError(f"no LoRA layers of adapter {adapter_name!r} found: nothing to save")

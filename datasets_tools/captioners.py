@@ -126,8 +126,9 @@ class TransformersCaptioner(Captioner):
             try:
                 config = transformers.AutoConfig.from_pretrained(model)
             except Exception as e:
-                raise DatasetError(f"{model} is not a transformers model (folder or hub id) with a config.json: "
-                                   f"{_first_line(e)}", path=model, field="--model") from None
+                raise DatasetError(f"cannot read a transformers model config from {model} (expected an "
+                                   f"image-to-text model folder or hub id): {_first_line(e)}", path=model,
+                                   field="--model") from None
             model_type = getattr(config, "model_type", "")
             if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
                 raise DatasetError(f"{model} is a '{model_type}' model, not an image-to-text captioner "

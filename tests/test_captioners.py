@@ -167,7 +167,7 @@ def test_bad_models_are_one_line_errors(tmp_path, tiny_blip):
     nchw = build_tiny_wd14(tmp_path / "nchw", size=32, nhwc=False)
     cases = [
         (("blip", str(tmp_path / "missing")), "not found"),
-        (("blip", str(wd)), "not a transformers model"),
+        (("blip", str(wd)), "cannot read a transformers model config"),
         (("blip", str(bert)), "'bert' model, not an image-to-text"),
         (("wd14", str(tiny_blip)), "no model.onnx"),
         (("wd14", str(tmp_path / "nope.onnx")), "not found"),

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from datasets_tools.bucketing import apply_crop, assign_bucket, bucket_batches, crop_plan, make_buckets
+from datasets_tools.bucketing import apply_crop, bucket_batches, crop_plan, make_buckets, plan_image
 from datasets_tools.folder import collect_images
 from datasets_tools.images import ImageError, load_rgb
 
@@ -112,19 +112,14 @@ def build_data(cfg: Config, warn: Callable[[str], None]) -> TrainData:
         if not reg_items:
             raise UserError(f"data.reg_dir: no usable image in {cfg.data.reg_dir}", field="data.reg_dir")
     d = cfg.data
-    if d.enable_bucket:
-        buckets = make_buckets(d.resolution, d.min_bucket_px, d.max_bucket_px, d.bucket_step_px)
-    else:
-        buckets = [(d.resolution, d.resolution)]
+    buckets = make_buckets(d.resolution, d.min_bucket_px, d.max_bucket_px, d.bucket_step_px)
     examples = []
     for is_reg, group in ((False, items), (True, reg_items)):
         for it in group:
-            if d.enable_bucket:
-                b = assign_bucket(it.width, it.height, buckets, no_upscale=d.bucket_no_upscale,
-                                  resolution=d.resolution, step=d.bucket_step_px)
-            else:
-                b = buckets[0]
-            plan = crop_plan(it.width, it.height, b)
+            # The same call as the bucket preview, so what the user saw is what is trained.
+            plan = plan_image(it.width, it.height, resolution=d.resolution, min_px=d.min_bucket_px,
+                              max_px=d.max_bucket_px, step=d.bucket_step_px, no_upscale=d.bucket_no_upscale,
+                              enable_bucket=d.enable_bucket, buckets=buckets)
             examples.append(Example(Path(it.path), it.caption, it.repeats, it.subset, is_reg, (it.width, it.height),
                                     tuple(plan.bucket), tuple(plan.box), tuple(plan.resized), plan.upscaled))
     return TrainData(examples, skipped=skipped)

@@ -87,7 +87,8 @@ def a1111_layer_mapping(family: str, pipe) -> dict[str, str]:
         mapping.update(_openclip_layers("", tes[0].config.num_hidden_layers))
     else:  # SDXL: embedder 0 = HF CLIP-L, embedder 1 = OpenCLIP-bigG
         n = tes[0].config.num_hidden_layers
-        mapping.update({f"0_transformer_text_model_encoder_layers_{i}_{c}": "layer" for i in range(n) for c in _HF_CLIP})
+        mapping.update({f"0_transformer_text_model_encoder_layers_{i}_{c}": "layer"
+                        for i in range(n) for c in _HF_CLIP})
         mapping.update(_openclip_layers("1_", tes[1].config.num_hidden_layers))
     return mapping
 
@@ -263,7 +264,8 @@ def test_keymap_arithmetic_matches_independent_ldm_map():
      "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj"),
     ("input_blocks_4_1_transformer_blocks_0_attn1_to_q", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
     ("input_blocks_8_1_transformer_blocks_9_attn2_to_k", "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k"),
-    ("middle_block_1_transformer_blocks_0_attn1_to_out_0", "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+    ("middle_block_1_transformer_blocks_0_attn1_to_out_0",
+     "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0"),
     ("output_blocks_2_1_transformer_blocks_3_ff_net_2", "up_blocks.0.attentions.2.transformer_blocks.3.ff.net.2"),
     ("output_blocks_5_1_proj_out", "up_blocks.1.attentions.2.proj_out"),
     ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
@@ -335,8 +337,10 @@ def test_a1111_would_drop_incomplete_te2_attention():
 
 def test_te_name_parsing_accepts_both_transformers_spellings():
     assert keymap.parse_te_name("text_model_encoder_layers_11_mlp_fc2") == "text_model.encoder.layers.11.mlp.fc2"
-    assert keymap.parse_te_name("encoder_layers_3_self_attn_out_proj") == "text_model.encoder.layers.3.self_attn.out_proj"
+    assert keymap.parse_te_name("encoder_layers_3_self_attn_out_proj") == \
+        "text_model.encoder.layers.3.self_attn.out_proj"
     assert keymap.kohya_te_name("encoder.layers.3.self_attn.q_proj", 0, 1) == \
         "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
-    assert keymap.kohya_te_name("text_model.encoder.layers.3.mlp.fc1", 1, 2) == "lora_te2_text_model_encoder_layers_3_mlp_fc1"
+    assert keymap.kohya_te_name("text_model.encoder.layers.3.mlp.fc1", 1, 2) == \
+        "lora_te2_text_model_encoder_layers_3_mlp_fc1"
     assert keymap.parse_te_name("text_model_embeddings_token_embedding") is None

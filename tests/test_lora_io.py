@@ -563,3 +563,56 @@ def test_bad_files_name_the_file(tmp_path):
         read_lora(tmp_path / "empty.safetensors")
     with pytest.raises(UserError, match="not found"):
         lora_addnet_hash(tmp_path / "missing.safetensors")
+
+
+def test_peft_prefixes_bare_and_base_model(tmp_path):
+    pipe = build_tiny_pipeline("sd1")
+    g = torch.Generator().manual_seed(9)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = _rand_module(pipe.unet.get_submodule(path), 2, g)
+    tdown, tup = _rand_module(pipe.text_encoder.get_submodule("encoder.layers.1.mlp.fc1"), 2, g)
+    expected = {f"unet:{path}": (down, up, 1.0), "text_encoder:text_model.encoder.layers.1.mlp.fc1": (tdown, tup, 1.0)}
+    save_file({f"{path}.lora_A.weight": down, f"{path}.lora_B.weight": up,
+               "text_model.encoder.layers.1.mlp.fc1.lora_A.weight": tdown,
+               "text_model.encoder.layers.1.mlp.fc1.lora_B.weight": tup}, tmp_path / "bare.safetensors")
+    _assert_file_matches(tmp_path / "bare.safetensors", pipe, "sd1", expected, "peft")
+    save_file({f"base_model.model.{path}.lora_A.weight": down, f"base_model.model.{path}.lora_B.weight": up},
+              tmp_path / "peft_model.safetensors")
+    _assert_file_matches(tmp_path / "peft_model.safetensors", pipe, "sd1", {f"unet:{path}": (down, up, 1.0)}, "peft")
+
+
+def test_metadata_family_disagreement_warns(tmp_path, caplog):
+    pipe = build_tiny_pipeline("sd1")
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    name = "lora_unet_" + path.replace(".", "_")
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 32), f"{name}.lora_up.weight": torch.zeros(32, 2)},
+              tmp_path / "claims_xl.safetensors", metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    lf = read_lora(tmp_path / "claims_xl.safetensors")
+    assert lf.family == "sd1"  # the layer structure wins over the label
+    with caplog.at_level("WARNING", logger="trainer.lora_io"):
+        assert len(match_modules(lf, pipe.unet, [pipe.text_encoder], family="sd1")) == 1
+    assert "metadata says it is for SDXL" in caplog.text
+    # with nothing structural to go on, the label decides and the wrong base is refused
+    name = "lora_unet_" + "up_blocks.1.attentions.0.proj_in".replace(".", "_")
+    save_file({f"{name}.lora_down.weight": torch.zeros(2, 64, 1, 1),
+               f"{name}.lora_up.weight": torch.zeros(64, 2, 1, 1)}, tmp_path / "xl_only_label.safetensors",
+              metadata={"modelspec.architecture": "stable-diffusion-xl-v1-base/lora"})
+    with pytest.raises(UserError, match="SDXL"):
+        match_modules(read_lora(tmp_path / "xl_only_label.safetensors"), pipe.unet, [pipe.text_encoder], family="sd1")
+
+
+def test_linear_shaped_factors_on_1x1_conv(tmp_path):
+    """SD2/SDXL-style 2-D proj_in factors fit SD1's 1x1-conv proj_in (kohya and diffusers accept this too)."""
+    pipe = build_tiny_pipeline("sd1")
+    path = "down_blocks.0.attentions.0.proj_in"
+    conv = pipe.unet.get_submodule(path)
+    g = torch.Generator().manual_seed(10)
+    down, up = torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g)
+    name = "lora_unet_" + path.replace(".", "_")
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}, tmp_path / "flat.safetensors")
+    lf = read_lora(tmp_path / "flat.safetensors")
+    assert match_modules(lf, pipe.unet, [pipe.text_encoder], family="sd1")[f"unet:{path}"] is conv
+    assert torch.allclose(lf.modules[f"unet:{path}"].delta(shape=conv.weight.shape)[:, :, 0, 0], up @ down)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(UserError, match="junk.safetensors"):
+        lora_addnet_hash(tmp_path / "junk.safetensors")

@@ -235,7 +235,7 @@ def kohya_te_name(path: str, index: int, num_text_encoders: int) -> str:
 
 
 def parse_te_name(name: str) -> str | None:
-    """Flattened TE name (``text_model_encoder_layers_0_self_attn_q_proj`` or ``encoder_layers_...``) -> template path."""
+    """Flattened TE name (``text_model_encoder_layers_0_self_attn_q_proj`` or ``encoder_layers_...``) -> template."""
     return te_canonical_path(unflatten(name))
 
 

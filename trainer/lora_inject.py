@@ -1,4 +1,4 @@
-"""Inject trainable PEFT LoRA layers into a frozen SD UNet and CLIP text encoders (targets of lora-format.md §2.5/§11.1.5)."""
+"""Inject trainable PEFT LoRA layers into a frozen SD UNet and CLIP text encoders (lora-format.md §2.5, §11.1.5)."""
 
 from __future__ import annotations
 
@@ -63,18 +63,19 @@ def unet_target_module_names(unet, lora_cfg) -> tuple[list[str], list[str]]:
                 child = getattr(module, sub, None)
                 if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
                     targets.append(f"{name}.{sub}")
-                    if _is_3x3(child):
+                    if _is_spatial_conv(child):
                         conv_targets.append(f"{name}.{sub}")
         elif lora_cfg.conv_rank > 0 and (_is_class(module, "Downsample2D") or _is_class(module, "Upsample2D")):
             child = getattr(module, "conv", None)
             if isinstance(child, torch.nn.Conv2d):
                 targets.append(f"{name}.conv")
-                if _is_3x3(child):
+                if _is_spatial_conv(child):
                     conv_targets.append(f"{name}.conv")
     return targets, conv_targets
 
 
-def _is_3x3(module) -> bool:
+def _is_spatial_conv(module) -> bool:
+    """A 3x3 (not 1x1) conv: these get the LoCon rank."""
     return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,8 @@ import torch
 from .errors import UserError
 from .keymap import (TE_COMPONENTS, UnetLayout, is_diffusers_unet_path, kohya_te_name, kohya_unet_name,
                      parse_ldm_path, parse_te_name, parse_unet_name, te_canonical_path)
+
+log = logging.getLogger(__name__)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "float": torch.float32}
 
@@ -99,7 +102,7 @@ class LoraFile:
 @dataclass(frozen=True)
 class SavedLora:
     path: Path
-    sha256: str
+    sha256: str  # of the tensor data after the header: the addnet hash stored as sshs_model_hash
     num_modules: int
     num_tensors: int
 
@@ -117,9 +120,11 @@ def lora_addnet_hash(path: str | Path) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise UserError(f"{path}: not a safetensors file (too short)", path=str(path))
-            f.seek(8 + _header_length(head))
+            n = _header_length(head) if len(head) == 8 else -1
+            # a bogus length would hash an empty tail: the "hash of nothing" bug (§7, ai-toolkit #130)
+            if n < 2 or 8 + n > os.fstat(f.fileno()).st_size:
+                raise UserError(f"{path}: not a safetensors file (bad header length)", path=str(path))
+            f.seek(8 + n)
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     except FileNotFoundError:
@@ -531,8 +536,12 @@ def _parse_key(key: str) -> tuple[str, str, str, str] | None:
 def _pattern_value(patterns: dict, name: str, default):
     """PEFT's rank/alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error:
+            if name == key or name.endswith("." + key):
+                return value
     return default
 
 
@@ -569,8 +578,9 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), "pt", device="cpu")
     except Exception as e:  # SafetensorError, OSError, bad JSON
-        raise UserError(f"{path}: not a valid .safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                        f"the file may be truncated or not a LoRA", path=str(path)) from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a valid .safetensors file ({why}); the file may be truncated or not a LoRA",
+                        path=str(path)) from None
 
 
 def read_lora(path: str | Path, *, allow_partial: bool = False) -> LoraFile:
@@ -599,7 +609,8 @@ def read_lora(path: str | Path, *, allow_partial: bool = False) -> LoraFile:
             try:
                 tensor = f.get_tensor(key)
             except Exception as e:
-                raise UserError(f"{path}: tensor {key} cannot be read ({e}); the file is corrupt", path=str(path)) from None
+                raise UserError(f"{path}: tensor {key} cannot be read ({e}); the file is corrupt",
+                                path=str(path)) from None
             slot[role] = (fmt, key, tensor)
     if not keys:
         raise UserError(f"{path} contains no tensors; it is not a LoRA", path=str(path))
@@ -650,24 +661,28 @@ def read_lora(path: str | Path, *, allow_partial: bool = False) -> LoraFile:
     if not modules:
         raise UserError(f"{path}: no LoRA modules found (keys such as {_few(keys, 3)})", path=str(path))
     skipped = problems + [k for ks in unsupported.values() for k in ks]
-    return LoraFile(path, formats, _detect_family(modules, metadata), metadata, modules, skipped)
+    if skipped:
+        log.warning("%s: %d keys skipped (partial load allowed): %s", path.name, len(skipped), _few(skipped))
+    family = _structure_family(modules) or _metadata_family(metadata)
+    return LoraFile(path, formats, family, metadata, modules, skipped)
 
 
-def _detect_family(modules: dict[str, LoraModule], metadata: dict[str, str]) -> str | None:
-    """'sd1' (SD1.x/SD2.x) or 'sdxl' from the UNet block structure and TE set, else from the metadata."""
-    keys = list(modules)
+def _structure_family(modules: dict[str, LoraModule]) -> str | None:
+    """'sd1' (SD1.x/SD2.x) or 'sdxl' from the UNet block structure and the set of text encoders."""
     sdxl = sd1 = False
-    for k in keys:
+    for k in modules:
         comp, _, p = k.partition(":")
         if comp == "text_encoder_2":
             sdxl = True
-        # SDXL has no attention in down block 0, attention in up block 0, deep transformers, 3 levels
+        # SDXL: attention in up block 0, deep transformers; SD1: attention in down block 0, four levels
         if re.match(r"^up_blocks\.0\.attentions\.|^.*\.transformer_blocks\.[1-9]", p):
             sdxl = True
         if re.match(r"^down_blocks\.0\.attentions\.|^up_blocks\.3\.|^down_blocks\.3\.", p):
             sd1 = True
-    if sdxl != sd1:
-        return "sdxl" if sdxl else "sd1"
+    return None if sdxl == sd1 else ("sdxl" if sdxl else "sd1")
+
+
+def _metadata_family(metadata: dict[str, str]) -> str | None:
     version = metadata.get("ss_base_model_version", "")
     arch = metadata.get("modelspec.architecture", "")
     if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
@@ -704,7 +719,9 @@ def _fits(mod: LoraModule, layer) -> bool:
     if mod.up.shape[0] != out_features:
         return False
     if isinstance(layer, torch.nn.Conv2d):
-        if mod.down.dim() != 4 or mod.down.shape[1] != w.shape[1]:
+        if mod.down.dim() == 2:  # Linear-shaped factors for a 1x1 conv (SD2/SDXL-style proj_in on SD1)
+            return tuple(w.shape[2:]) == (1, 1) and mod.down.shape[1] == w.shape[1]
+        if mod.down.shape[1] != w.shape[1]:
             return False
         kernel = tuple(mod.mid.shape[2:]) if mod.mid is not None else tuple(mod.down.shape[2:])
         return kernel == tuple(w.shape[2:])
@@ -720,6 +737,11 @@ def match_modules(lora_file: LoraFile, unet, text_encoders: list, *, family: str
         raise UserError(f"{name} is a LoRA for {FAMILY_LABELS[lora_file.family]} models, but the loaded base "
                         f"model is {FAMILY_LABELS[want]}; pick a {FAMILY_LABELS[lora_file.family]} base model "
                         f"or another LoRA", path=str(lora_file.path))
+    claimed = _metadata_family(lora_file.metadata)
+    if claimed is not None and claimed != want:
+        # the tensors fit (checked below) but the file says otherwise: tell the user, do not refuse (§11.2)
+        log.warning("%s: its metadata says it is for %s models, but its layers fit the loaded %s model",
+                    name, FAMILY_LABELS[claimed], FAMILY_LABELS[want])
     roots = {"unet": unet}
     for i, te in enumerate(text_encoders or []):
         roots[TE_COMPONENTS[i]] = te

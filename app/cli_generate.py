@@ -155,8 +155,20 @@ def _load_generator(args, lora_dir):
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     cfg = ModelConfig(base=args.model, family=args.family, vae=args.vae, clip_skip=args.clip_skip)
+    _quiet_loading()
     base = load_base_model(cfg, dtype=dtype, device=device)
     return Generator(base, lora_dir=lora_dir, allow_partial=args.allow_partial)
+
+
+def _quiet_loading() -> None:
+    """No per-shard 'Loading weights' bars: the command's output is its result lines (or one error line)."""
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+        tl.disable_progress_bar()
+        dl.disable_progress_bar()
+    except Exception:  # only cosmetics
+        pass
 
 
 def _image_kwargs(args) -> dict:

@@ -140,3 +140,11 @@ def test_unet_target_module_names_does_not_modify():
     assert set(convs) <= set(targets)
     assert all(pipe.unet.get_submodule(c).kernel_size == (3, 3) for c in convs)
     assert not any(hasattr(m, "lora_A") for m in pipe.unet.modules())
+
+
+def test_alpha_zero_means_alpha_equals_rank():
+    """kohya's convention (lora-format.md §2.7), so a file never carries alpha 0."""
+    pipe = build_tiny_pipeline("sd1")
+    h = inject_lora(pipe.unet, [pipe.text_encoder], lora_cfg(rank=8, alpha=0.0, conv_rank=4, conv_alpha=0.0),
+                    train_text_encoder=False)
+    assert {h.scaling_of("unet", p) for _, p, _ in h.modules} == {1.0}

@@ -616,3 +616,23 @@ def test_linear_shaped_factors_on_1x1_conv(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(UserError, match="junk.safetensors"):
         lora_addnet_hash(tmp_path / "junk.safetensors")
+
+
+def test_rslora_alpha_is_encoded_and_dora_refused(tmp_path):
+    """rsLoRA is written as alpha*sqrt(r) so every reader's alpha/r is the trained scale (§9.4); DoRA cannot go in."""
+    from peft import LoraConfig
+
+    pipe = build_tiny_pipeline("sd1")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=3, use_rslora=True, target_modules=["to_q", "to_v"]))
+    saved = save_lora(tmp_path / "rs.safetensors", pipe.unet, [pipe.text_encoder], family="sd1", metadata={})
+    with safe_open(str(saved.path), "pt") as f:
+        alphas = [float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")]
+    assert alphas and alphas == pytest.approx([3 * math.sqrt(4)] * len(alphas))
+    scales = [m.scale for m in read_lora(saved.path).modules.values()]
+    assert scales == pytest.approx([3 / math.sqrt(4)] * len(scales))
+
+    dora = build_tiny_pipeline("sd1")
+    dora.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, use_dora=True, target_modules=["to_q"]))
+    with pytest.raises(RuntimeError, match="DoRA"):
+        save_lora(tmp_path / "dora.safetensors", dora.unet, [dora.text_encoder], family="sd1", metadata={})
+    assert not (tmp_path / "dora.safetensors").exists()

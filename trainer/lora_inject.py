@@ -88,11 +88,14 @@ def text_encoder_target_module_names(text_encoder, lora_cfg) -> list[str]:
 
 def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg):
     from peft import LoraConfig as PeftLoraConfig
+    # kohya trains alpha 0 as alpha = rank (§2.7); doing the same keeps the file's alpha meaningful everywhere
+    alpha = lora_cfg.alpha or lora_cfg.rank
+    conv_alpha = lora_cfg.conv_alpha or lora_cfg.conv_rank
     # exact module paths, so nothing outside the intended blocks is ever matched by a short name
     return PeftLoraConfig(
-        r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=list(targets),
+        r=lora_cfg.rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout, target_modules=list(targets),
         rank_pattern={p: lora_cfg.conv_rank for p in conv_targets},
-        alpha_pattern={p: lora_cfg.conv_alpha for p in conv_targets},
+        alpha_pattern={p: conv_alpha for p in conv_targets},
         init_lora_weights=True)
 
 

@@ -78,6 +78,7 @@ class LoraModule:
 
 @dataclass
 class LoraFile:
+    """A LoRA file read into the internal form; ``family`` is 'sd1' (SD1.x/SD2.x), 'sdxl' or None (unknown)."""
     path: Path
     formats: dict[str, int]
     family: str | None

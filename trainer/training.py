@@ -40,6 +40,11 @@ def _make_accelerator(cfg: C.Config):
     if mp == "fp16" and not torch.cuda.is_available():
         raise UserError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine",
                         field="train.mixed_precision")
+    # accelerate keeps process-wide singletons; a second in-process run (GUI demo, tests) with other precision or
+    # accumulation needs them fresh. The distributed PartialState is kept.
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,

@@ -107,3 +107,9 @@ def test_cli_unknown_key_is_one_line_without_traceback():
     r = subprocess.run([sys.executable, "-m", "app.cli", "train", "--set", "lora.rnk=4"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: unknown key 'lora.rnk' (did you mean 'lora.rank'?)"
+
+
+def test_docs_config_table_is_generated_from_the_schema():
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    assert C.help_table(markdown=True) in doc, "docs/config.md is stale: regenerate with lorastudio presets keys --markdown"

@@ -438,7 +438,7 @@ def help_table(markdown: bool = False) -> str:
     for fi in FIELDS.values():
         rng = ""
         if fi.choices:
-            rng = "|".join(map(str, fi.choices))
+            rng = (", " if markdown else "|").join(map(str, fi.choices))
         elif fi.min is not None or fi.max is not None:
             rng = f"{fi.min:g}..{fi.max:g}"
         rows.append((fi.key, fi.type_name, _toml_value(fi.default), rng, fi.help))

@@ -66,8 +66,8 @@ class DataConfig:
     keep_tokens: int = opt(0, "With shuffle: keep the first N tags (e.g. the trigger word) in place.",
                            min=0, max=100)
     caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.", min=0.0, max=1.0)
-    flip: bool = opt(False, "Random horizontal flip (disables latent caching on disk reuse across flips: "
-                     "both flips are cached).")
+    flip: bool = opt(False, "Random horizontal flip (both orientations are encoded and cached; do not use for "
+                     "asymmetric characters or text).")
     reg_dir: str = opt("", "Optional folder of regularisation (prior-preservation) images with captions; they "
                        "are mixed into every batch so the LoRA does not leak into unrelated prompts.",
                        path=True)
@@ -77,7 +77,6 @@ class DataConfig:
                                       "settings, so the next run skips encoding.")
     cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
                          path=True)
-    num_workers: int = opt(0, "Data loader worker processes (0 = in the training process).", min=0, max=64)
 
 
 @dataclass

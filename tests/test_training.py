@@ -242,3 +242,21 @@ def test_non_finite_loss_stops_names_step_and_keeps_checkpoint(tiny_sd1_dir, ima
     assert line.startswith("error: ") and "diverged" in line and "at step" in line and "learning_rate" in line
     assert not (out / "run" / "run.safetensors").exists()
     assert list((out / "run" / "checkpoints").glob("step-*"))
+
+
+def test_cli_train_from_shipped_preset_on_single_file_checkpoint(tiny_sd1_dir, image_folder, tmp_path):
+    """The README's first command: a shipped preset, a single-file checkpoint, --set overrides."""
+    from trainer.ldm_export import save_single_file
+    from trainer.models import load_base_model
+    ckpt = tmp_path / "v1-5-tiny.safetensors"
+    save_single_file(load_base_model(run_cfg([f"model.base={tiny_sd1_dir}"]).model).make_pipeline(), ckpt)
+    sets = [f"data.dir={image_folder}", f"model.base={ckpt}", "data.resolution=128", "data.min_bucket_px=64",
+            "train.max_steps=2", "train.batch_size=1", "sample.every_steps=0", "train.mixed_precision=no",
+            f"output.dir={tmp_path / 'out'}", "output.name=my-style"]
+    r = _cli(["-m", "app.cli", "train", "--config", str(ROOT / "presets" / "sd15-style.toml"),
+              *[a for s in sets for a in ("--set", s)]], timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lora = tmp_path / "out" / "my-style" / "my-style.safetensors"
+    meta = safe_open(str(lora), "pt").metadata()
+    assert meta["ss_sd_model_name"] == "v1-5-tiny.safetensors" and meta["ss_network_dim"] == "16"
+    assert "done:" in r.stderr and "Traceback" not in r.stderr

@@ -76,6 +76,22 @@ class BaseModel:
 
 def load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
     """Load ``model_cfg.base`` (folder, hub id or single file) in ``dtype`` (default float32) on ``device``."""
+    # The libraries' per-file "Loading weights" bars would interleave with our own progress output.
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    bars = (dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled())
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        return _load_base_model(model_cfg, dtype=dtype, device=device)
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+
+
+def _load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
     import torch
     from diffusers import DDPMScheduler
     dtype = dtype or torch.float32

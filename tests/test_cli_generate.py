@@ -75,7 +75,7 @@ def test_grid_weight_seed(tiny_sd1_dir, files, tmp_path, capsys):
     assert "2 rows x 3 columns" in stdout
     img = Image.open(out)
     assert img.size[0] > 3 * 64 and img.size[1] > 2 * 64
-    assert "Grid: rows seed [1; 2], columns my-style weight [0; 0.5; 1]" in img.info["parameters"]
+    assert 'Grid: "rows seed [1; 2], columns my-style weight [0; 0.5; 1]"' in img.info["parameters"]
 
 
 def test_grid_checkpoints_and_prompts(tiny_sd1_dir, files, tmp_path, capsys):

@@ -246,7 +246,7 @@ def test_weight_seed_grid(sd1, loras):
     # labels are drawn (dark pixels in the margins), and the grid says what it shows
     margin = np.asarray(res.image.crop((0, 0, w, top)).convert("L"))
     assert (margin < 128).sum() > 20
-    assert "Grid: rows seed [1; 2], columns style_a weight [0; 0.5; 1]" in res.parameters
+    assert 'Grid: "rows seed [1; 2], columns style_a weight [0; 0.5; 1]"' in res.parameters
     g.clear_loras()
 
 

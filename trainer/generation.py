@@ -193,7 +193,9 @@ class Generator:
         if p.is_file():
             return p.resolve()
         if self.lora_dir is not None:
-            found = find_lora(self.lora_dir, name)
+            if (self.lora_dir / name).is_file():
+                return (self.lora_dir / name).resolve()
+            found = find_lora(self.lora_dir, p.stem if p.suffix.lower() == ".safetensors" else name)
             if found is not None:
                 return found.resolve()
         if p.suffix or p.parent != Path(".") or self.lora_dir is None:
@@ -240,12 +242,21 @@ class Generator:
     def _activate(self, spec: LoraSpec | str, from_prompt: bool = False) -> _Active:
         if isinstance(spec, str):
             spec = LoraSpec.parse(spec)
-        for w, what in ((spec.te, "te weight"), (spec.unet, "unet weight")):
-            if not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise UserError(f"LoRA {spec.source}: {what} {w!r} is not a number")
+        weights = []
+        for w, what in ((spec.weight if spec.te_weight is None else spec.te_weight, "te weight"),
+                        (spec.weight if spec.unet_weight is None else spec.unet_weight, "unet weight")):
+            try:
+                w = float(w)
+            except (TypeError, ValueError):
+                w = math.nan
+            if not math.isfinite(w):
+                raise UserError(f"LoRA {_stem(spec.source)}: {what} {w!r} is not a number")
+            weights.append(w)
+        if spec.dyn is not None and (not isinstance(spec.dyn, int) or spec.dyn < 1):
+            raise UserError(f"LoRA {_stem(spec.source)}: dyn {spec.dyn!r} must be a whole number >= 1")
         loaded = self.load_lora(spec.source)
         name = spec.name or (spec.source if from_prompt else Path(loaded.path).stem)
-        return _Active(loaded, str(name), spec.te, spec.unet, spec.dyn, from_prompt)
+        return _Active(loaded, str(name), weights[0], weights[1], spec.dyn, from_prompt)
 
     def _apply(self, active: list[_Active]) -> None:
         sig = (self._mode, tuple(a.signature() for a in active))
@@ -285,7 +296,9 @@ class Generator:
                 w = mod.weight
                 if mod not in self._backup:
                     self._backup[mod] = w.detach().to("cpu", copy=True)
-                merged = w.detach().to(torch.float32, copy=True).flatten(1)
+                # fp32 layers are merged in place (no full-size temporary); others through an fp32 copy
+                in_place = w.dtype == torch.float32 and w.is_contiguous()
+                merged = w.data.view(w.shape[0], -1) if in_place else w.detach().to(torch.float32).flatten(1)
                 ups, downs = [], []
                 for m, lm, dyn in items:
                     if _plain(lm):
@@ -298,7 +311,8 @@ class Generator:
                         merged += lm.delta(m).to(w.device, torch.float32).flatten(1)
                 if ups:
                     merged.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
-                w.data.copy_(merged.view_as(w).to(w.dtype))
+                if not in_place:
+                    w.data.copy_(merged.view_as(w).to(w.dtype))
 
     # ---- unfused (peft adapters)
 
@@ -476,7 +490,7 @@ class Generator:
         if clip_skip and clip_skip > 1:
             more["Clip skip"] = clip_skip
         if any(a.te != a.unet for a in active):
-            more["Lora te weights"] = ", ".join(f"{a1111_alias(a.name)}: {a.te:g}" for a in active)
+            more["Lora te weights"] = _quote(", ".join(f"{a1111_alias(a.name)}: {a.te:g}" for a in active))
         if active:
             more["Lora mode"] = self._mode
         more.update(extra or {})
@@ -552,8 +566,8 @@ class Generator:
         params = self.infotext(prompt, negative, seed=int(seed), steps=g["steps"], sampler=g["sampler"],
                                guidance_scale=g["guidance_scale"], width=g["width"], height=g["height"],
                                active=self._explicit,
-                               extra={"Grid": f"rows {row_title} [{'; '.join(row_labels)}], "
-                                              f"columns {col_title} [{'; '.join(col_labels)}]"})
+                               extra={"Grid": _quote(f"rows {row_title} [{'; '.join(row_labels)}], "
+                                                     f"columns {col_title} [{'; '.join(col_labels)}]")})
         image.info["parameters"] = params
         w, h = cells[0][0].size
         return GridResult(image, row_title, list(row_labels), col_title, list(col_labels), params, (w, h))
@@ -580,6 +594,12 @@ def _check_size(width: int, height: int, steps: int, batch: int) -> None:
         raise UserError(f"steps: {steps} must be at least 1", field="steps")
     if batch < 1:
         raise UserError(f"batch: {batch} must be at least 1", field="batch")
+
+
+def _quote(text: str) -> str:
+    """An infotext value with commas, quoted the way A1111 writes (and parses) them (json.dumps)."""
+    import json
+    return json.dumps(text, ensure_ascii=False)
 
 
 def _plain(lm) -> bool:
@@ -791,6 +811,7 @@ def inspect_lora(path: str | Path) -> dict:
         "short_hash": addnet[:12],
         "output_name": meta.get("ss_output_name", ""),
         "base_model": meta.get("ss_sd_model_name", "") or meta.get("modelspec.architecture", ""),
+        "skipped_keys": list(getattr(lora, "skipped", []) or []),
         "metadata": meta,
     }
 
@@ -808,7 +829,7 @@ def format_inspection(info: dict, *, max_value_chars: int = 200) -> str:
     """`inspect_lora`'s result as readable text (long metadata values shortened)."""
     fam = {"sd1": "SD1.x / SD2.x (SD1-style names)", "sdxl": "SDXL"}.get(info["family"], info["family"] or "unknown")
     formats = info["formats"]
-    formats = ", ".join(f"{k} ({v} keys)" for k, v in formats.items()) if isinstance(formats, dict) \
+    formats = ", ".join(f"{k} ({v} modules)" for k, v in formats.items()) if isinstance(formats, dict) \
         else ", ".join(formats)
     lines = [f"file:        {info['path']} ({info['file_size'] / 1024:.1f} KiB)",
              f"format:      {formats}",
@@ -818,6 +839,9 @@ def format_inspection(info: dict, *, max_value_chars: int = 200) -> str:
              f"alpha(s):    {', '.join(f'{a:g}' for a in info['alphas'])}",
              f"dtypes:      {', '.join(info['dtypes'])}",
              f"addnet hash: {info['addnet_hash']} (A1111/Civitai AutoV3: {info['short_hash']})"]
+    if info.get("skipped_keys"):
+        lines.append(f"not understood: {len(info['skipped_keys'])} keys, e.g. {', '.join(info['skipped_keys'][:3])} "
+                     "(the file loads only with --allow-partial)")
     for comp, c in info["components"].items():
         lines.append(f"  {comp:<15} {c['modules']:>4} modules, rank {'/'.join(map(str, c['ranks']))}, "
                      f"alpha {'/'.join(f'{a:g}' for a in c['alphas'])}"

@@ -1,0 +1,157 @@
+"""The first-run demo: a small model and a folder of drawn pictures, so scan, caption, train and generate run on a CPU.
+
+``create_demo(root)`` writes ``<root>/demo/``:
+
+* ``images/``: a dozen drawn pictures of coloured shapes in a "stripes" style, named ``red_circle_00.png`` and
+  so on, without captions (the template captioner turns the names into "zxq, red circle"). Two are wider and one
+  taller than square, so the bucket preview has crops to show.
+* the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``) when it is
+  there; otherwise a tiny SD1.5-shaped model with **random weights** at ``demo/model`` (its images are noise:
+  the demo then shows the workflow, not a result). ``DemoInfo.label`` says which, and the web app shows it.
+* a user preset ``demo`` with settings sized for a CPU (64 px, rank 8, 50 steps, samples every 25 steps).
+
+Everything is drawn with Pillow/numpy; no download.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TOYWORLD_MODEL = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "toyworld"
+TRIGGER = "zxq"
+PRESET_NAME = "demo"
+
+
+@dataclass
+class DemoInfo:
+    root: str
+    model: str
+    images: str
+    preset: str
+    pretrained: bool
+    label: str
+
+
+def toyworld_available() -> bool:
+    return (TOYWORLD_MODEL / "model_index.json").is_file()
+
+
+def demo_dir(root: str | Path) -> Path:
+    return Path(root) / "demo"
+
+
+def load_demo_info(root: str | Path) -> DemoInfo | None:
+    """The demo made earlier in this root, if any (and still complete)."""
+    p = demo_dir(root) / "demo.json"
+    try:
+        info = DemoInfo(**json.loads(p.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    if not (Path(info.model) / "model_index.json").is_file() or not Path(info.images).is_dir():
+        return None
+    return info
+
+
+def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoInfo:
+    """Make (or reuse) the demo model, pictures and preset under <root>/demo; returns what was made."""
+    say = progress or (lambda text: None)
+    d = demo_dir(root).resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    images = d / "images"
+    if not any(images.glob("*.png")):
+        say("drawing the demo pictures ...")
+        draw_pictures(images, n_images)
+    if toyworld_available():
+        model, pretrained = TOYWORLD_MODEL, True
+        label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes; the demo pictures add a "
+                 "'stripes' style that a LoRA can learn on a CPU in a few minutes.")
+    else:
+        model, pretrained = d / "model", False
+        if not (model / "model_index.json").is_file():
+            say("building the tiny demo model (random weights) ...")
+            from trainer.tiny_models import save_tiny_pipeline
+            save_tiny_pipeline(model, "sd1")
+        label = ("DEMO with RANDOM WEIGHTS: a tiny SD1.5-shaped model that was never trained, so its images are "
+                 "noise. It lets you walk through scan, caption, train and generate on a CPU in a few minutes.")
+    say("writing the demo preset ...")
+    write_demo_preset(model, images, Path(root).resolve() / "outputs")
+    info = DemoInfo(str(d), str(model), str(images), PRESET_NAME, pretrained, label)
+    (d / "demo.json").write_text(json.dumps(asdict(info), indent=1), encoding="utf-8")
+    return info
+
+
+def write_demo_preset(model: Path, images: Path, outputs: Path) -> Path:
+    from trainer.config import apply_dict, default_config
+    from trainer.presets import save_user_preset
+    cfg = apply_dict(default_config(), {
+        "preset_version": 1,
+        "model": {"base": str(model)},
+        "data": {"dir": str(images), "resolution": 64, "min_bucket_px": 64, "max_bucket_px": 128,
+                 "bucket_step_px": 64, "default_caption": TRIGGER},
+        "lora": {"rank": 8, "alpha": 8.0},
+        "train": {"max_steps": 50, "batch_size": 2, "learning_rate": 1e-3, "save_every_steps": 25, "seed": 42},
+        "sample": {"every_steps": 25, "prompts": [f"{TRIGGER}, a red circle", f"{TRIGGER}, a blue square"],
+                   "steps": 12, "width": 64, "height": 64},
+        "output": {"dir": str(outputs), "name": "demo-lora", "trigger_phrase": TRIGGER},
+    }, "demo preset")
+    return save_user_preset(PRESET_NAME, cfg, "Demo: a tiny CPU run on the drawn demo pictures (64 px, 50 steps).")
+
+
+def draw_pictures(folder: Path, n: int) -> list[Path]:
+    """n pictures named <colour>_<shape>_<i>.png; toy-world drawings with stripes when available."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        from datasets_tools import toyworld as tw
+    except ImportError:
+        tw = None
+    out = []
+    pairs = [(c, s) for c in ("red", "yellow", "green", "blue", "purple") for s in ("circle", "square", "triangle")]
+    rnd = random.Random(0)
+    rnd.shuffle(pairs)
+    for i in range(n):
+        colour, shape = pairs[i % len(pairs)]
+        img = _toyworld_picture(tw, colour, shape, i) if tw is not None else _pillow_picture(colour, shape, rnd)
+        if i in (1, 6):  # wider than square: the bucket preview shows the crop
+            img = _pad(img, (img.width * 3 // 2, img.height))
+        elif i == 4:
+            img = _pad(img, (img.width, img.height * 3 // 2))
+        p = folder / f"{colour}_{shape}_{i:02d}.png"
+        img.save(p)
+        out.append(p)
+    return out
+
+
+def _toyworld_picture(tw, colour: str, shape: str, i: int):
+    import numpy as np
+    rng = np.random.default_rng(1000 + i)
+    return tw.render(tw.sample_drawing(rng, colour, shape), "stripes", rng)
+
+
+def _pillow_picture(colour: str, shape: str, rnd: random.Random):
+    from PIL import Image, ImageDraw
+    rgb = {"red": (215, 40, 40), "yellow": (235, 200, 30), "green": (40, 165, 60), "blue": (40, 80, 220),
+           "purple": (150, 50, 200)}[colour]
+    img = Image.new("RGB", (256, 256), tuple(rnd.randint(215, 245) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    r = rnd.randint(40, 80)
+    cx, cy = rnd.randint(r, 256 - r), rnd.randint(r, 256 - r)
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+    elif shape == "square":
+        d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
+    for k in range(-256, 256, 64):  # the "stripes" style
+        d.polygon([(k, 0), (k + 24, 0), (k + 24 + 256, 256), (k + 256, 256)], fill=(28, 26, 32))
+    return img.resize((64, 64), Image.Resampling.BOX)
+
+
+def _pad(img, size):
+    from PIL import Image
+    bg = max(img.getcolors(img.width * img.height))[1]  # the most frequent colour: the background
+    canvas = Image.new("RGB", size, bg)
+    canvas.paste(img, ((size[0] - img.width) // 2, (size[1] - img.height) // 2))
+    return canvas

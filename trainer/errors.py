@@ -13,6 +13,3 @@ class UserError(Exception):
         self.field = field
         self.path = path
 
-
-class TrainingStopped(Exception):
-    """Raised inside the loop when a stop was requested (SIGINT/SIGTERM or the GUI's Stop)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import config as C
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import LatentCache, TrainData, build_data, captions_are_static, load_pixels, process_caption
-from .errors import TrainingStopped, UserError
+from .errors import UserError
 from .events import (Checkpoint, Event, JsonlSink, Log, Phase, RunEnded, RunStarted, Sample, Step, fan_out)
 
 
@@ -181,20 +181,23 @@ def train(cfg: C.Config, on_event: Callable[[Event], None] | None = None,
     run_dir = _prepare_run_dir(cfg, resume, overwrite, is_main)
     accelerator.wait_for_everyone()
     sink = JsonlSink(run_dir / "events.jsonl") if is_main else None
-    emit = fan_out(sink, on_event if is_main else None)
+    fanned = fan_out(sink, on_event if is_main else None)
+    last = {"step": 0}
+
+    def emit(event: Event) -> None:
+        if isinstance(event, Step):
+            last["step"] = event.step
+        fanned(event)
+
     for w in warnings:
         emit(Log(level="warning", message=w))
-    step = 0
     try:
-        result = _train(cfg, data, accelerator, run_dir, emit, should_stop, resume, command)
-        return result
-    except TrainingStopped:
-        raise
+        return _train(cfg, data, accelerator, run_dir, emit, should_stop, resume, command)
     except UserError as e:
-        emit(RunEnded(status="failed", step=step, error=str(e)))
+        emit(RunEnded(status="failed", step=last["step"], error=str(e)))
         raise
-    except BaseException as e:
-        emit(RunEnded(status="failed", step=step, error=f"{type(e).__name__}: {e}"))
+    except BaseException as e:  # a crash still ends the event stream, so a GUI tailing it knows
+        emit(RunEnded(status="failed", step=last["step"], error=f"{type(e).__name__}: {e}"))
         raise
     finally:
         if cfg.output.tensorboard:

@@ -504,7 +504,14 @@ class GenerationSession:
         self.loads = 0
         self.load_s = 0.0
 
-    def get(self, base: str, progress=None):
+    def get(self, base: str, progress=None, lora_dir: str | None = None):
+        """The Generator for this base model, loading it only when the model changed; (generator, note)."""
+        gen, note = self._get(base, progress)
+        d = Path(lora_dir).expanduser() if lora_dir and str(lora_dir).strip() else None
+        gen.lora_dir = d if d is not None and d.is_dir() else None  # where <lora:name> prompt tags are looked up
+        return gen, note
+
+    def _get(self, base: str, progress=None):
         base = (base or "").strip()
         if not base:
             raise UserError("choose a base model first (a diffusers folder, a .safetensors checkpoint or a hub id)",
@@ -661,10 +668,11 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
 
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
         seen = gr.State({})
-        with gr.Row(equal_height=True):
+        with gr.Row(equal_height=False):
             gr.Markdown("# LoRA Studio\nCaption, bucket, train and mix Stable Diffusion LoRAs. "
                         f"Root: `{ctx.root}`", elem_id="title")
-            demo_btn = gr.Button("Create the demo (tiny model + drawn pictures)", scale=0, elem_id="demo-btn")
+            demo_btn = gr.Button("Create the demo (tiny model + drawn pictures)", size="md", scale=0,
+                                 min_width=320, elem_id="demo-btn")
         demo_banner = gr.Markdown(_demo_banner(), elem_id="demo-banner", elem_classes="ls-banner",
                                   visible=_DEMO["status"] != "none")
         demo_poll = gr.Timer(1.0, active=False)
@@ -672,29 +680,30 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
         with gr.Tabs():
             # ======================================================================== Dataset
             with gr.Tab("Dataset", id="dataset"):
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     ds_folder = gr.Dropdown(choices=ctx.chosen, value=None, allow_custom_value=True, scale=4,
                                             label="Dataset folder", elem_id="ds-folder",
                                             info="Type a folder path (or pick one you used before). Sub-folders "
                                                  "named 'N_name' repeat their images N times.")
-                    ds_scan_btn = gr.Button("Scan", variant="primary", scale=0, elem_id="ds-scan")
-                    ds_use_btn = gr.Button("Use for training", scale=0, elem_id="ds-use")
+                    ds_scan_btn = gr.Button("Scan", variant="primary", size="md", scale=0, elem_id="ds-scan")
+                    ds_use_btn = gr.Button("Use for training", size="md", scale=0, elem_id="ds-use")
                 ds_status = gr.Markdown("", elem_id="ds-status")
                 with gr.Row():
                     with gr.Column(scale=3):
                         ds_gallery = gr.Gallery(label="Pictures and captions (click one to edit its caption)",
                                                 columns=6, height=360, allow_preview=False, elem_id="ds-gallery")
-                        with gr.Row(equal_height=True):
+                        with gr.Row(equal_height=False):
                             ds_selected = gr.Textbox(label="Selected picture", interactive=False, scale=1,
                                                      elem_id="ds-selected")
                             ds_caption = gr.Textbox(label="Caption", scale=3, elem_id="ds-caption")
-                            ds_save_cap = gr.Button("Save caption", scale=0, elem_id="ds-save-caption")
+                            ds_save_cap = gr.Button("Save caption", size="md", scale=0, elem_id="ds-save-caption")
+                        ds_edit_status = gr.Markdown("", elem_id="ds-edit-status")
                     with gr.Column(scale=2):
                         ds_summary = gr.Code(label="Scan report", language=None, lines=10, elem_id="ds-summary")
                 ds_problems = gr.Dataframe(headers=["file", "problem", "message"], label="Problems by file",
                                            interactive=False, elem_id="ds-problems", max_height=260)
                 with gr.Accordion("Caption the pictures", open=True):
-                    with gr.Row(equal_height=True):
+                    with gr.Row(equal_height=False):
                         cap_name = gr.Dropdown(choices=list(CAPTIONERS), value="template", label="Captioner",
                                                info="template: from file names (offline); blip: a transformers "
                                                     "image-to-text model; wd14: a booru tagger (ONNX)",
@@ -707,30 +716,30 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                         cap_trigger = gr.Textbox(label="Trigger word (put first)", elem_id="cap-trigger")
                         cap_overwrite = gr.Checkbox(label="Replace existing captions (backed up)",
                                                     elem_id="cap-overwrite")
-                        cap_btn = gr.Button("Caption", variant="primary", scale=0, elem_id="cap-run")
+                        cap_btn = gr.Button("Caption", variant="primary", size="md", scale=0, elem_id="cap-run")
                     cap_status = gr.Markdown("", elem_id="cap-status")
                 with gr.Accordion("Caption operations", open=True):
-                    with gr.Row(equal_height=True):
+                    with gr.Row(equal_height=False):
                         op_prefix = gr.Textbox(label="Trigger prefix", elem_id="op-prefix")
-                        op_prefix_btn = gr.Button("Add prefix", scale=0, elem_id="op-prefix-btn")
+                        op_prefix_btn = gr.Button("Add prefix", size="md", scale=0, elem_id="op-prefix-btn")
                         op_find = gr.Textbox(label="Find (whole words)", elem_id="op-find")
                         op_repl = gr.Textbox(label="Replace with (empty deletes)", elem_id="op-repl")
-                        op_replace_btn = gr.Button("Replace", scale=0, elem_id="op-replace-btn")
-                    with gr.Row(equal_height=True):
+                        op_replace_btn = gr.Button("Replace", size="md", scale=0, elem_id="op-replace-btn")
+                    with gr.Row(equal_height=False):
                         op_remove = gr.Textbox(label="Remove tags (comma-separated)", elem_id="op-remove")
-                        op_remove_btn = gr.Button("Remove tags", scale=0, elem_id="op-remove-btn")
-                        op_dedupe_btn = gr.Button("Dedupe tags", scale=0, elem_id="op-dedupe-btn")
-                        op_undo_btn = gr.Button("Undo last edit", scale=0, elem_id="op-undo-btn")
-                        op_stats_btn = gr.Button("Tag stats", scale=0, elem_id="op-stats-btn")
+                        op_remove_btn = gr.Button("Remove tags", size="md", scale=0, elem_id="op-remove-btn")
+                        op_dedupe_btn = gr.Button("Dedupe tags", size="md", scale=0, elem_id="op-dedupe-btn")
+                        op_undo_btn = gr.Button("Undo last edit", size="md", scale=0, elem_id="op-undo-btn")
+                        op_stats_btn = gr.Button("Tag stats", size="md", scale=0, elem_id="op-stats-btn")
                     op_status = gr.Markdown("", elem_id="op-status")
                     op_tags = gr.Dataframe(headers=["tag", "images"], label="Tag frequency", interactive=False,
                                            elem_id="op-tags", max_height=240)
                 with gr.Accordion("Bucket preview (the trainer's own bucket and crop for each picture)", open=True):
-                    with gr.Row(equal_height=True):
+                    with gr.Row(equal_height=False):
                         gr.Markdown("Uses the Train tab's data.resolution, data.min/max_bucket_px, "
                                     "data.bucket_step_px, data.bucket_no_upscale, data.enable_bucket and "
                                     "train.batch_size.")
-                        bp_btn = gr.Button("Bucket preview", variant="primary", scale=0, elem_id="bp-run")
+                        bp_btn = gr.Button("Bucket preview", variant="primary", size="md", scale=0, elem_id="bp-run")
                     bp_status = gr.Markdown("", elem_id="bp-status")
                     with gr.Row():
                         bp_counts = gr.Dataframe(headers=["bucket", "images", "samples per epoch"],
@@ -745,11 +754,11 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
 
             # ======================================================================== Train
             with gr.Tab("Train", id="train"):
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     preset_pick = gr.Dropdown(choices=_preset_choices(), value=None, label="Preset or earlier run",
                                               scale=4, elem_id="tr-preset")
-                    preset_load = gr.Button("Load into the form", scale=0, elem_id="tr-preset-load")
-                    preset_refresh = gr.Button("↻", scale=0, min_width=40, elem_id="tr-preset-refresh")
+                    preset_load = gr.Button("Load into the form", size="md", scale=0, elem_id="tr-preset-load")
+                    preset_refresh = gr.Button("↻", size="md", scale=0, min_width=40, elem_id="tr-preset-refresh")
                 tr_form_msg = gr.Markdown("", elem_id="tr-form-msg")
                 comps: dict[str, Any] = {}
                 errs: dict[str, Any] = {}
@@ -772,7 +781,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                             add_fields(fields)
                 form_inputs = [comps[fi.key] for fi in FORM_FIELDS]
                 form_errors = [errs[fi.key] for fi in FORM_FIELDS]
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     start_btn = gr.Button("Start", variant="primary", elem_id="tr-start")
                     stop_btn = gr.Button("Stop (saves a checkpoint)", variant="stop", interactive=False,
                                          elem_id="tr-stop")
@@ -797,19 +806,19 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
 
             # ======================================================================== Generate
             with gr.Tab("Generate", id="generate"):
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     g_base = gr.Dropdown(choices=_model_choices(), value=None, allow_custom_value=True, scale=3,
                                          label="Base model", info="A diffusers folder, a .safetensors checkpoint "
                                                                   "or a hub id; it stays loaded between images",
                                          elem_id="g-base")
                     g_lora_dir = gr.Textbox(value=str(ctx.default_lora_dir), label="LoRA folder", scale=2,
                                             elem_id="g-lora-dir")
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     g_pick = gr.Dropdown(choices=lora_choices(str(ctx.default_lora_dir)), value=None,
                                          allow_custom_value=True, label="LoRA (from outputs/ and the LoRA folder)",
                                          scale=4, elem_id="g-pick")
-                    g_refresh = gr.Button("↻", scale=0, min_width=40, elem_id="g-refresh")
-                    g_add = gr.Button("Add LoRA", scale=0, elem_id="g-add")
+                    g_refresh = gr.Button("↻", size="md", scale=0, min_width=40, elem_id="g-refresh")
+                    g_add = gr.Button("Add LoRA", size="md", scale=0, elem_id="g-add")
                 g_rows = gr.State([])
                 g_rows_version = gr.State(0)
 
@@ -819,20 +828,22 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                         gr.Markdown("No LoRA added: images come from the base model alone.", elem_id="g-no-lora")
                     for i, r in enumerate(rows):
                         with gr.Group(elem_id=f"g-lora-{i}"):
-                            with gr.Row(equal_height=True):
+                            with gr.Row(equal_height=False):
                                 gr.Markdown(f"**{html.escape(Path(r['path']).name)}**  \n`{r['path']}`",
                                             elem_id=f"g-lora-name-{i}")
                                 w = gr.Slider(-2, 2, value=r["weight"], step=0.05, label="weight", scale=3,
-                                              elem_id=f"g-lora-weight-{i}", key=f"w-{r['id']}")
-                                rm = gr.Button("Remove", scale=0, elem_id=f"g-lora-remove-{i}", key=f"rm-{r['id']}")
+                                              elem_id=f"g-lora-weight-{i}", key=f"w-{r['id']}", interactive=True)
+                                rm = gr.Button("Remove", size="md", scale=0, elem_id=f"g-lora-remove-{i}",
+                                               key=f"rm-{r['id']}")
                             with gr.Accordion("Advanced: separate text-encoder / UNet weights", open=False):
                                 with gr.Row():
                                     split = gr.Checkbox(value=r["split"], label="use separate weights",
-                                                        elem_id=f"g-lora-split-{i}", key=f"s-{r['id']}")
+                                                        elem_id=f"g-lora-split-{i}", key=f"s-{r['id']}",
+                                                        interactive=True)
                                     te = gr.Slider(-2, 2, value=r["te"], step=0.05, label="text encoder",
-                                                   elem_id=f"g-lora-te-{i}", key=f"te-{r['id']}")
+                                                   elem_id=f"g-lora-te-{i}", key=f"te-{r['id']}", interactive=True)
                                     un = gr.Slider(-2, 2, value=r["unet"], step=0.05, label="UNet",
-                                                   elem_id=f"g-lora-unet-{i}", key=f"un-{r['id']}")
+                                                   elem_id=f"g-lora-unet-{i}", key=f"un-{r['id']}", interactive=True)
 
                         def setter(name, idx=i):
                             def fn(value, rows_now):
@@ -869,7 +880,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                                         elem_id="g-batch")
                     g_fused = gr.Checkbox(value=True, label="fused (merge into weights; off = adapters)",
                                           elem_id="g-fused")
-                with gr.Row(equal_height=True):
+                with gr.Row(equal_height=False):
                     g_go = gr.Button("Generate", variant="primary", elem_id="g-generate")
                     g_grid_weights = gr.Textbox(value="0, 0.5, 1", label="Grid: weights of the first LoRA",
                                                 elem_id="g-grid-weights")
@@ -888,24 +899,27 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                     with gr.Column(scale=2):
                         p_table = gr.Dataframe(_presets_frame(), label="Shipped and user presets",
                                                interactive=False, elem_id="p-table", max_height=300)
-                        with gr.Row(equal_height=True):
+                        with gr.Row(equal_height=False):
                             p_pick = gr.Dropdown(choices=_preset_names(), value=None, label="Preset",
                                                  elem_id="p-pick", scale=3)
-                            p_refresh = gr.Button("↻", scale=0, min_width=40, elem_id="p-refresh")
-                            p_to_form = gr.Button("Use in the Train tab", scale=0, elem_id="p-to-form")
+                            p_refresh = gr.Button("↻", size="md", scale=0, min_width=40, elem_id="p-refresh")
+                            p_to_form = gr.Button("Use in the Train tab", size="md", scale=0, elem_id="p-to-form")
                             p_export = gr.DownloadButton("Export (download)", value=None, interactive=False,
                                                          scale=0, elem_id="p-export")
+                        p_status = gr.Markdown("", elem_id="p-status")
                         p_text = gr.Code(label="Preset file", language=None, lines=14, elem_id="p-text")
                     with gr.Column(scale=1):
                         gr.Markdown("### Save the Train form as a preset")
                         p_save_name = gr.Textbox(label="Name", placeholder="my-style", elem_id="p-save-name")
                         p_save_btn = gr.Button("Save current Train form", elem_id="p-save")
+                        p_save_status = gr.Markdown("", elem_id="p-save-status")
                         gr.Markdown("### Import a preset file")
                         p_file = gr.File(label="Preset .toml (at most 64 KiB; checked before it is saved)",
                                          file_types=[".toml"], type="filepath", elem_id="p-file")
                         p_import_name = gr.Textbox(label="Save as (default: the file name)",
                                                    elem_id="p-import-name")
                         p_import_btn = gr.Button("Import", elem_id="p-import")
+                        p_import_status = gr.Markdown("", elem_id="p-import-status")
                         gr.Markdown("### Rebuild a preset from a LoRA")
                         p_lora = gr.Dropdown(choices=lora_choices(str(ctx.default_lora_dir)), value=None,
                                              allow_custom_value=True, label="LoRA made by LoRA Studio",
@@ -914,7 +928,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                         p_rebuild_name = gr.Textbox(label="Save the rebuilt preset as",
                                                     elem_id="p-rebuild-name")
                         p_rebuild_save = gr.Button("Save rebuilt preset", elem_id="p-rebuild-save")
-                p_status = gr.Markdown("", elem_id="p-status")
+                        p_rebuild_status = gr.Markdown("", elem_id="p-rebuild-status")
 
         # ============================================================================ wiring: Dataset
         bucket_inputs = [comps["data.resolution"], comps["data.min_bucket_px"], comps["data.max_bucket_px"],
@@ -971,7 +985,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             items = _dataset_items(root, ext)
             return f"saved the caption of {rel} ({res.summary()})", _gallery(items), items, gr.skip()
         ds_save_cap.click(on_save_caption, [ds_folder, ds_items, ds_selected, ds_caption],
-                          [cap_status, ds_gallery, ds_items, ds_caption])
+                          [ds_edit_status, ds_gallery, ds_items, ds_caption])
 
         @guarded(3)
         def on_caption(folder, name, model, template, trigger, overwrite_caps, ext, progress=gr.Progress()):
@@ -1125,18 +1139,18 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             return gr.update(choices=choices), gr.update(choices=choices), gr.update(choices=_model_choices())
         g_refresh.click(on_refresh, [g_lora_dir], [g_pick, p_lora, g_base])
 
-        gen_inputs = [g_base, g_prompt, g_negative, g_seed, g_steps, g_cfg, g_width, g_height, g_sampler, g_batch,
-                      g_fused, g_rows]
+        gen_inputs = [g_base, g_lora_dir, g_prompt, g_negative, g_seed, g_steps, g_cfg, g_width, g_height,
+                      g_sampler, g_batch, g_fused, g_rows]
 
         @guarded(4)
-        def on_generate(base, prompt, negative, seed, steps, cfg_scale, width, height, sampler, batch, fused, rows,
-                        progress=gr.Progress()):
+        def on_generate(base, lora_dir, prompt, negative, seed, steps, cfg_scale, width, height, sampler, batch,
+                        fused, rows, progress=gr.Progress()):
             kw = _gen_kwargs(steps, cfg_scale, width, height, sampler)
             batch = int(batch or 1)
             if not 1 <= batch <= 16:
                 raise UserError("images: 1 to 16 per click")
             with GEN.lock:
-                gen, note = GEN.get(base, progress)
+                gen, note = GEN.get(base, progress, lora_dir)
                 gen.set_loras(_specs(rows), mode="fused" if fused else "unfused")
                 seed = int(seed) if seed is not None and int(seed) >= 0 else random.randrange(2**31)
                 images = gen.generate(prompt or "", negative or "", seed=seed, batch_size=batch,
@@ -1154,8 +1168,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
         g_go.click(on_generate, gen_inputs, [g_status, g_gallery, g_params, g_params_list], concurrency_id="gen")
 
         @guarded(4)
-        def on_grid(base, prompt, negative, seed, steps, cfg_scale, width, height, sampler, batch, fused, rows,
-                    weights_text, seeds_text, progress=gr.Progress()):
+        def on_grid(base, lora_dir, prompt, negative, seed, steps, cfg_scale, width, height, sampler, batch, fused,
+                    rows, weights_text, seeds_text, progress=gr.Progress()):
             kw = _gen_kwargs(steps, cfg_scale, width, height, sampler)
             if not rows:
                 raise UserError("add a LoRA first: the grid varies the first LoRA's weight")
@@ -1165,7 +1179,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                 raise UserError(f"grid: {len(weights) * len(seeds)} images is too many (at most 100)")
             specs = _specs(rows)
             with GEN.lock:
-                gen, note = GEN.get(base, progress)
+                gen, note = GEN.get(base, progress, lora_dir)
                 gen.set_loras(specs[1:], mode="fused" if fused else "unfused")
                 progress(0.0, desc=f"grid of {len(weights) * len(seeds)} images ...")
                 res = gen.grid_weight_seed(specs[0], weights, seeds, prompt or "", negative or "", **kw)
@@ -1221,9 +1235,9 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             path = save_user_preset(name, cfg, f"User preset '{name}', saved from the web app's Train form.")
             return (f"saved preset '{name}' to {path}", _presets_frame(),
                     gr.update(choices=_preset_names(), value=name), gr.update(choices=_preset_choices()))
-        p_save_btn.click(on_save_preset, [p_save_name, *form_inputs], [p_status, p_table, p_pick, preset_pick])
+        p_save_btn.click(on_save_preset, [p_save_name, *form_inputs], [p_save_status, p_table, p_pick, preset_pick])
 
-        @guarded(4, status_at=0)
+        @guarded(5, status_at=0)
         def on_import(file, name):
             from trainer.presets import _summary, save_user_preset, validate_preset_text
             if not file:
@@ -1242,8 +1256,9 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             stem = re.sub(r"[^\w.-]", "-", (name or "").strip() or path.stem)[:64].strip(".-") or "imported"
             saved = save_user_preset(stem, cfg, _summary(text) or f"Imported from {path.name}")
             return (f"imported '{stem}' (checked: keys, types, ranges, paths) -> {saved}", _presets_frame(),
-                    gr.update(choices=_preset_names(), value=stem), gr.update(choices=_preset_choices()))
-        p_import_btn.click(on_import, [p_file, p_import_name], [p_status, p_table, p_pick, preset_pick])
+                    gr.update(choices=_preset_names(), value=stem), gr.update(choices=_preset_choices()), None)
+        p_import_btn.click(on_import, [p_file, p_import_name], [p_import_status, p_table, p_pick, preset_pick,
+                                                                p_file])
 
         @guarded(2, status_at=1)
         def on_rebuild(lora):
@@ -1252,7 +1267,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                 raise UserError("pick a LoRA file first (or type its path)")
             text = preset_from_lora(_resolve(lora.strip()))
             return text, f"rebuilt from the metadata of {Path(lora).name}; save it under a name below"
-        p_rebuild_btn.click(on_rebuild, [p_lora], [p_text, p_status])
+        p_rebuild_btn.click(on_rebuild, [p_lora], [p_text, p_rebuild_status])
 
         @guarded(4, status_at=0)
         def on_rebuild_save(lora, name):
@@ -1265,7 +1280,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             saved = save_user_preset(name, cfg, f"Rebuilt from {Path(lora).name} (its embedded training config).")
             return (f"saved preset '{name}' -> {saved}", _presets_frame(),
                     gr.update(choices=_preset_names(), value=name), gr.update(choices=_preset_choices()))
-        p_rebuild_save.click(on_rebuild_save, [p_lora, p_rebuild_name], [p_status, p_table, p_pick, preset_pick])
+        p_rebuild_save.click(on_rebuild_save, [p_lora, p_rebuild_name],
+                             [p_rebuild_status, p_table, p_pick, preset_pick])
 
         # ============================================================================ wiring: demo and page load
         demo_targets = [demo_banner, ds_folder, g_base, g_width, g_height, g_steps, g_prompt, preset_pick,

@@ -144,7 +144,7 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     expect(page.locator("#ds-caption textarea")).to_have_value("zxq, blue circle")
     fill(page, "ds-caption", "zxq, blue circle, striped")
     page.locator("#ds-save-caption").click()
-    expect(page.locator("#cap-status")).to_contain_text("saved the caption of blue_circle_02.png")
+    expect(page.locator("#ds-edit-status")).to_contain_text("saved the caption of blue_circle_02.png")
     expect(page.locator("#ds-gallery")).to_contain_text("zxq, blue circle, striped")
     assert (images / "blue_circle_02.txt").read_text(encoding="utf-8").strip() == "zxq, blue circle, striped"
 
@@ -236,7 +236,7 @@ def test_generate_with_two_loras_and_a_grid(page, server):
         fill(page, "g-pick", str(path))
         page.locator("#g-add").click()
         expect(page.locator("#g-status")).to_contain_text(f"added {path.name}")
-    expect(page.locator("#g-lora-1")).to_be_visible()
+    expect(page.locator("[id^=g-lora-name-]")).to_have_count(2)  # one row (weight slider) per LoRA
     for i, weight in enumerate(("0.8", "0.3")):
         box = page.locator(f"#g-lora-weight-{i} input[type=number]")
         box.fill(weight)
@@ -267,7 +267,9 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     fill(page, "g-grid-seeds", "1, 2")
     page.locator("#g-grid").click()
     expect(page.locator("#g-status")).to_contain_text("grid: 2 seeds x 2 weights", timeout=180_000)
-    expect(page.locator("#g-params textarea")).to_have_value(re.compile(r"Grid: rows seed"))
+    expect(page.locator("#g-params textarea")).to_have_value(
+        re.compile(r'Grid: "rows seed \[1; 2\], columns demo-lora weight \[0; 1\]"'))
+    expect(page.locator("#g-gallery img").first).to_be_visible()
     shot(page, "generate.png")
 
 
@@ -288,7 +290,7 @@ def test_presets_export_import_and_rebuild(page, server, tmp_path):
     page.locator("#p-file input[type=file]").set_input_files(str(exported))
     fill(page, "p-import-name", "demo-copy")
     page.locator("#p-import").click()
-    expect(page.locator("#p-status")).to_contain_text("imported 'demo-copy'")
+    expect(page.locator("#p-import-status")).to_contain_text("imported 'demo-copy'")
     expect(page.locator("#p-table")).to_contain_text("demo-copy")
     assert (server["home"] / "presets" / "demo-copy.toml").is_file()
 
@@ -298,7 +300,7 @@ def test_presets_export_import_and_rebuild(page, server, tmp_path):
     page.locator("#p-file input[type=file]").set_input_files(str(bad))
     fill(page, "p-import-name", "")
     page.locator("#p-import").click()
-    expect(page.locator("#p-status")).to_contain_text("points outside the allowed folders")
+    expect(page.locator("#p-import-status")).to_contain_text("data.dir points outside the allowed folders")
     assert not (server["home"] / "presets" / "bad.toml").exists()
 
     # rebuild the preset that made the trained LoRA from its metadata

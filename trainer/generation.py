@@ -430,9 +430,9 @@ class Generator:
         text, tags = parse_prompt(prompt)
         return text, [self._activate(LoraSpec.from_tag(t), from_prompt=True) for t in tags]
 
-    def generate(self, prompt: str, negative_prompt: str = "", *, seed: int = 1, steps: int = 20,
+    def generate(self, prompt: str, negative_prompt: str = "", seed: int = 1, steps: int = 20,
                  guidance_scale: float = 7.0, width: int = 512, height: int = 512, batch_size: int = 1,
-                 sampler: str = "euler", clip_skip: int | None = None,
+                 sampler: str = "euler", *, clip_skip: int | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> list:
         """Images (PIL) for one prompt; image i uses seed + i. `<lora:...>` tags in the prompt are applied on top
         of `set_loras`. Each image carries its A1111 `parameters` text in `image.info["parameters"]`."""

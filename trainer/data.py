@@ -210,7 +210,10 @@ class LatentCache:
             try:
                 lat = self.encode(load_pixels(self.data.examples[i], f)[None])[0].cpu()
             except ImageError as e:
-                skip(i, str(e))
+                msg = str(e)
+                prefix = f"{self.data.examples[i].path}: "
+                skip(i, msg[len(prefix):] if msg.startswith(prefix) else msg)
+                progress(n + 1, len(todo))
                 continue
             self.mem[(i, f)] = lat
             if path is not None:

@@ -39,6 +39,11 @@ def _ui(args) -> int:
     if args.listen and auth is None:
         print("warning: --listen without --auth: anyone who can reach this machine can use the app",
               file=sys.stderr)
+    import signal
+
+    def on_term(signum, frame):  # `kill` closes the app like Ctrl-C: a running trainer saves a checkpoint first
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
     from .ui import launch  # gradio is imported here, not when the CLI starts
     try:
         launch(args.root, listen=args.listen, port=args.port, auth=auth, demo=args.demo)

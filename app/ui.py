@@ -699,7 +699,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                             ds_save_cap = gr.Button("Save caption", size="md", scale=0, elem_id="ds-save-caption")
                         ds_edit_status = gr.Markdown("", elem_id="ds-edit-status")
                     with gr.Column(scale=2):
-                        ds_summary = gr.Code(label="Scan report", language=None, lines=10, elem_id="ds-summary")
+                        ds_summary = gr.Code(label="Scan report", language=None, lines=10, elem_id="ds-summary",
+                                             wrap_lines=True)
                 ds_problems = gr.Dataframe(headers=["file", "problem", "message"], label="Problems by file",
                                            interactive=False, elem_id="ds-problems", max_height=260)
                 with gr.Accordion("Caption the pictures", open=True):
@@ -805,7 +806,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                 tick = gr.Timer(1.0)
 
             # ======================================================================== Generate
-            with gr.Tab("Generate", id="generate"):
+            with gr.Tab("Generate", id="generate") as generate_tab:
                 with gr.Row(equal_height=False):
                     g_base = gr.Dropdown(choices=_model_choices(), value=None, allow_custom_value=True, scale=3,
                                          label="Base model", info="A diffusers folder, a .safetensors checkpoint "
@@ -852,7 +853,17 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                                     rows_now[idx][name] = value
                                 return rows_now
                             return fn
-                        w.change(setter("weight"), [w, g_rows], [g_rows], show_progress="hidden")
+                        def set_weight(value, rows_now, idx=i):
+                            rows_now = [dict(x) for x in rows_now]
+                            if idx >= len(rows_now):
+                                return rows_now, gr.skip(), gr.skip()
+                            row = rows_now[idx]
+                            row["weight"] = value
+                            if row.get("split"):
+                                return rows_now, gr.skip(), gr.skip()
+                            row["te"] = row["unet"] = value  # the split sliders start from the weight
+                            return rows_now, value, value
+                        w.change(set_weight, [w, g_rows], [g_rows, te, un], show_progress="hidden")
                         split.change(setter("split"), [split, g_rows], [g_rows], show_progress="hidden")
                         te.change(setter("te"), [te, g_rows], [g_rows], show_progress="hidden")
                         un.change(setter("unet"), [un, g_rows], [g_rows], show_progress="hidden")
@@ -887,14 +898,14 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                     g_grid_seeds = gr.Textbox(value="1, 2", label="Grid: seeds", elem_id="g-grid-seeds")
                     g_grid = gr.Button("Grid (weight x seed)", elem_id="g-grid")
                 g_status = gr.Markdown("", elem_id="g-status")
-                g_gallery = gr.Gallery(label="Images (click one for its parameters)", columns=4, height=420,
-                                       elem_id="g-gallery")
+                g_gallery = gr.Gallery(label="Images (click one for its parameters)", columns=4, height=460,
+                                       object_fit="contain", elem_id="g-gallery")
                 g_params = gr.Textbox(label="Parameters (A1111 format; also stored in the PNG)", lines=4,
                                       elem_id="g-params", buttons=["copy"])
                 g_params_list = gr.State([])
 
             # ======================================================================== Presets
-            with gr.Tab("Presets", id="presets"):
+            with gr.Tab("Presets", id="presets") as presets_tab:
                 with gr.Row():
                     with gr.Column(scale=2):
                         p_table = gr.Dataframe(_presets_frame(), label="Shipped and user presets",
@@ -1138,6 +1149,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             choices = lora_choices(lora_dir)
             return gr.update(choices=choices), gr.update(choices=choices), gr.update(choices=_model_choices())
         g_refresh.click(on_refresh, [g_lora_dir], [g_pick, p_lora, g_base])
+        generate_tab.select(on_refresh, [g_lora_dir], [g_pick, p_lora, g_base], show_progress="hidden")
 
         gen_inputs = [g_base, g_lora_dir, g_prompt, g_negative, g_seed, g_steps, g_cfg, g_width, g_height,
                       g_sampler, g_batch, g_fused, g_rows]
@@ -1186,7 +1198,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             path = _save_generated(res.image, "grid")
             status = (f"grid: {len(res.row_labels)} seeds x {len(res.col_labels)} weights of "
                       f"{Path(rows[0]['path']).stem}; {note}. Saved as {_rel(path, ctx.root)}.")
-            return status, [(path, res.parameters)], res.parameters, [res.parameters]
+            return status, gr.update(value=[(path, res.parameters)], selected_index=0), res.parameters, \
+                [res.parameters]
         g_grid.click(on_grid, [*gen_inputs, g_grid_weights, g_grid_seeds],
                      [g_status, g_gallery, g_params, g_params_list], concurrency_id="gen")
 
@@ -1200,6 +1213,7 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
             names = _preset_names()
             return _presets_frame(), gr.update(choices=names), gr.update(choices=_preset_choices())
         p_refresh.click(presets_refresh, None, [p_table, p_pick, preset_pick])
+        presets_tab.select(presets_refresh, None, [p_table, p_pick, preset_pick], show_progress="hidden")
 
         @guarded(3, status_at=2)
         def on_pick(name):
@@ -1335,7 +1349,8 @@ def build_app(ctx: AppContext | None = None) -> gr.Blocks:
                     out[len(demo_targets) - len(form_inputs):] = config_to_form(cfg)
                     if not filled:  # Generate starts from the model being trained
                         out[2] = gr.update(value=cfg.model.base)
-            return (*out, timer, {}, *job_outputs({}, force=True)[:-1])
+            shown = job_outputs({}, force=True)
+            return (*out, timer, shown[-1], *shown[:-1])
         app.load(on_load, None, [*demo_targets, demo_poll, seen, *job_outs[:-1]])
     return app
 

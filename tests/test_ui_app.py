@@ -159,10 +159,13 @@ def test_lorastudio_ui_serves_the_page_fast_on_localhost_only(tmp_path):
     try:
         status, body = _wait(f"http://127.0.0.1:{port}/", proc)
         elapsed = time.perf_counter() - t0
+        cpu = _cpu_seconds(proc.pid)
         assert status == 200 and "LoRA Studio" in body
+        # The server's own CPU time to get there (imports, building the page, binding) does not depend on what
+        # else runs on the machine: under 5 s of it means the page is up within 5 s on an unshared machine.
+        assert cpu is None or cpu < 5.0, f"{cpu:.1f} s of CPU before the page was served"
+        # Wall time: other jobs on this machine's 2 cores stretch it, so the budget scales with their load.
         load = os.getloadavg()[0] / (os.cpu_count() or 1)
-        # The 5 s budget is for this machine when it is not shared; other jobs on its 2 cores stretch every
-        # process's wall time, so the budget scales with the load they add (recorded in the message).
         budget = 5.0 * max(1.0, load)
         assert elapsed < budget, f"page served after {elapsed:.1f} s (budget {budget:.1f} s at load {load:.2f}/core)"
         with socket.socket() as s:  # nothing answers on the machine's other addresses
@@ -175,6 +178,14 @@ def test_lorastudio_ui_serves_the_page_fast_on_localhost_only(tmp_path):
         assert status == 403
     finally:
         _stop(proc)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _other_address() -> str | None:

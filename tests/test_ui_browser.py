@@ -102,11 +102,19 @@ def field(page, key: str):
     return f"f-{section}-{name}"
 
 
-def shot(page, name: str, selector: str | None = None) -> None:
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        target = page.locator(selector) if selector else page
-        target.screenshot(path=str(Path(SHOTS) / name))
+def shot(page, name: str, top: str, bottom: str) -> None:
+    """Save the part of the page from the top of one element to the bottom of another (docs screenshots)."""
+    if not SHOTS:
+        return
+    Path(SHOTS).mkdir(parents=True, exist_ok=True)
+    page.locator(top).first.scroll_into_view_if_needed()
+    page.wait_for_timeout(600)
+    a = page.locator(top).first.bounding_box()
+    b = page.locator(bottom).first.bounding_box()
+    y0 = a["y"] + page.evaluate("window.scrollY") - 12
+    y1 = b["y"] + b["height"] + page.evaluate("window.scrollY") + 12
+    page.screenshot(path=str(Path(SHOTS) / name), full_page=True,
+                    clip={"x": 0, "y": max(0, y0), "width": page.viewport_size["width"], "height": y1 - y0})
 
 
 # ---------------------------------------------------------------------------------------------------- tests
@@ -166,7 +174,8 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     expect(page.locator("#bp-counts")).to_contain_text("64x64")
     expect(page.locator("#bp-rows")).to_contain_text("yellow_circle_06.png")
     expect(page.locator("#bp-sheet img")).to_be_visible()
-    shot(page, "dataset.png")
+    shot(page, "dataset.png", "#demo-banner", "#ds-problems")
+    shot(page, "buckets.png", "#bp-run", "#bp-sheet")
 
 
 def test_bad_fields_are_shown_beside_them_before_anything_starts(page, server):
@@ -178,6 +187,26 @@ def test_bad_fields_are_shown_beside_them_before_anything_starts(page, server):
     expect(page.locator("#tr-msg")).to_contain_text("need attention before training can start")
     expect(page.locator("#err-train-learning_rate")).to_contain_text("below the minimum")
     assert not (server["root"] / "outputs" / "demo-lora").exists()  # nothing was started or written
+
+
+def test_trainer_failure_is_shown_and_the_app_keeps_working(page, server):
+    """A run the trainer refuses (not a model folder): exit code and log lines on the page; then a real run works."""
+    base_box = page.locator(f"#{field(page, 'model.base')} input")
+    model = base_box.input_value()
+    broken = server["root"] / "not-a-model"
+    broken.mkdir()
+    fill(page, field(page, "model.base"), str(broken))
+    fill(page, field(page, "train.max_steps"), "10")
+    fill(page, field(page, "train.learning_rate"), "0.001")
+    fill(page, field(page, "output.name"), "broken-run")
+    page.locator("#tr-start").click()
+    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "failed", timeout=120_000)
+    expect(page.locator("#tr-status")).to_contain_text("Exit code 2")
+    expect(page.locator("#tr-status")).to_contain_text("not-a-model")
+    expect(page.locator("#tr-log")).to_contain_text("error: ")
+    expect(page.locator("#tr-start")).to_be_enabled()
+    fill(page, field(page, "model.base"), model)
+    fill(page, field(page, "output.name"), "demo-lora")
 
 
 def test_train_live_progress_reattach_stop_resume(page, server):
@@ -196,6 +225,15 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     expect(progress).to_have_attribute("data-state", "running", timeout=120_000)
     expect(progress).to_contain_text(re.compile(r"step [1-9]\d* / 10"), timeout=60_000)
     expect(progress).to_contain_text("ETA")
+
+    # the rest of the app answers while the trainer runs (it is a separate process)
+    tab(page, "Dataset")
+    t0 = time.perf_counter()
+    page.locator("#op-stats-btn").click()
+    expect(page.locator("#op-status")).to_contain_text("tag frequency of", timeout=15_000)
+    assert time.perf_counter() - t0 < 15
+    tab(page, "Train")
+    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", re.compile("running|stopping"))
 
     # a reloaded page re-attaches to the running job (server-side state)
     page.reload()
@@ -223,7 +261,7 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     run = server["root"] / "outputs" / "demo-lora"
     assert (run / "demo-lora.safetensors").is_file() and (run / "config.toml").is_file()
     assert "=== " in (run / "train.log").read_text()
-    shot(page, "train.png")
+    shot(page, "train.png", "#tr-start", "#tr-log")
 
 
 def test_generate_with_two_loras_and_a_grid(page, server):
@@ -253,14 +291,21 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     expect(params).to_have_value(re.compile(re.escape(f"<lora:{step_file.stem}:0.3>")))
     expect(page.locator("#g-gallery img").first).to_be_visible()
 
-    # a new weight: the base model is reused, not reloaded
+    # new weights (and a text-encoder/UNet split under Advanced): the base model is reused, not reloaded
     box = page.locator("#g-lora-weight-1 input[type=number]")
     box.fill("-0.5")
+    box.press("Enter")
+    page.locator("#g-lora-0").get_by_text("Advanced: separate text-encoder / UNet weights").click()
+    page.locator("#g-lora-split-0 input").check()
+    box = page.locator("#g-lora-te-0 input[type=number]")
+    box.fill("0.2")
     box.press("Enter")
     page.wait_for_timeout(500)
     page.locator("#g-generate").click()
     expect(page.locator("#g-status")).to_contain_text(f"{step_file.stem} -0.5", timeout=120_000)
     expect(page.locator("#g-status")).to_contain_text("base model reused")
+    expect(page.locator("#g-params textarea")).to_have_value(re.compile(r"<lora:demo-lora:0\.2:0\.8>"))
+    expect(page.locator("#g-params textarea")).to_have_value(re.compile(r'Lora te weights: "demo-lora: 0\.2'))
 
     # weight x seed grid of the first LoRA
     fill(page, "g-grid-weights", "0, 1")
@@ -270,7 +315,7 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     expect(page.locator("#g-params textarea")).to_have_value(
         re.compile(r'Grid: "rows seed \[1; 2\], columns demo-lora weight \[0; 1\]"'))
     expect(page.locator("#g-gallery img").first).to_be_visible()
-    shot(page, "generate.png")
+    shot(page, "generate.png", "#g-base", "#g-gallery")
 
 
 def test_presets_export_import_and_rebuild(page, server, tmp_path):
@@ -285,6 +330,12 @@ def test_presets_export_import_and_rebuild(page, server, tmp_path):
     exported = tmp_path / "exported.toml"
     dl.value.save_as(exported)
     assert "resolution = 64" in exported.read_text()
+
+    # the current Train form as a user preset
+    fill(page, "p-save-name", "from-form")
+    page.locator("#p-save").click()
+    expect(page.locator("#p-save-status")).to_contain_text("saved preset 'from-form'")
+    assert "max_steps = 10" in (server["home"] / "presets" / "from-form.toml").read_text()
 
     # import it back under another name
     page.locator("#p-file input[type=file]").set_input_files(str(exported))

@@ -169,3 +169,13 @@ def test_events_are_read_incrementally_and_half_lines_wait(tmp_path):
         assert v2.version == v.version  # nothing new: the page skips its update
     finally:
         job.kill(timeout=5)
+
+
+def test_closing_the_app_stops_the_trainer_with_a_checkpoint(tmp_path, fake):
+    jm = JobManager()
+    run = tmp_path / "s"
+    start(jm, fake, run, "slow")
+    wait_for(jm, lambda v: v.step >= 1)
+    jm.shutdown()  # what atexit runs when `lorastudio ui` is closed (Ctrl-C or kill)
+    v = jm.view()
+    assert v.state == "stopped" and has_checkpoints(run)

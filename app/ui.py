@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ import gradio as gr
 from trainer import config as C
 from trainer.errors import UserError
 
-from .ui_jobs import JOBS, JobView, format_duration, has_checkpoints
+from .ui_jobs import JOBS, JobView, format_duration
 
 log = logging.getLogger("lorastudio.ui")
 

@@ -48,5 +48,6 @@ def _ui(args) -> int:
     try:
         launch(args.root, listen=args.listen, port=args.port, auth=auth, demo=args.demo)
     except OSError as e:
-        raise UserError(f"cannot serve on port {args.port}: {e.strerror or e}; try --port {args.port + 1}") from None
+        why = "it is in use" if "empty port" in str(e) else (e.strerror or str(e))
+        raise UserError(f"cannot serve on port {args.port}: {why}; try --port {args.port + 1}") from None
     return 0

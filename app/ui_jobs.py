@@ -171,7 +171,7 @@ class TrainingJob:
                     self._offset, self._partial = 0, b""
                 f.seek(self._offset)
                 data = f.read()
-        except FileNotFoundError:
+        except OSError:  # not written yet (or unreadable for a moment): try again on the next poll
             return []
         if not data:
             return []
@@ -203,6 +203,8 @@ class TrainingJob:
                 self._apply(v, ev, history)
             rc = self.proc.poll()
             if rc is not None and v.returncode is None:
+                for pos, ev in self._read_new_events():  # what it wrote between the read above and its exit
+                    self._apply(v, ev, pos < self._launch_offset)
                 v.returncode = rc
                 self.ended_at = time.time()
                 changed = True
@@ -213,7 +215,8 @@ class TrainingJob:
                     v.state = state
                     changed = True
                 if v.state == "stopping":
-                    v.message = ("stopping: saving a checkpoint at the end of this step ..." if self.stop_requested == 1
+                    v.message = ("stopping: the trainer saves a checkpoint at the end of this step (once the model "
+                                 "is loaded, if it is still loading) ..." if self.stop_requested == 1
                                  else "stopping now ...")
             tail = read_tail(self.log_path)
             if tail != v.log_tail:

@@ -113,7 +113,7 @@ def _check_out(path: str):
 def _prepare(args, prompts: list[str]):
     """Everything that can be checked without the model first (weights, files, tags), then the model."""
     from trainer.errors import UserError
-    from trainer.generation import LoraSpec, find_lora
+    from trainer.generation import LoraSpec, resolve_lora
     from trainer.lora_io import read_lora
     from trainer.prompt_syntax import parse_prompt
 
@@ -123,21 +123,16 @@ def _prepare(args, prompts: list[str]):
     if lora_dir is not None and not lora_dir.is_dir():
         raise UserError(f"--lora-dir {lora_dir} is not a folder", path=str(lora_dir))
     for s in specs:  # missing or corrupt files fail before the (slow) model load; each file is read once
-        p = Path(s.source)
-        if not p.is_file() and lora_dir is not None and not p.suffix:
-            p = find_lora(lora_dir, str(s.source)) or p
-        if not p.is_file():
-            where = f" (nor in --lora-dir {lora_dir})" if lora_dir is not None else ""
-            raise UserError(f"--lora: LoRA file not found: {s.source}{where}", path=str(s.source))
+        p = resolve_lora(str(s.source), lora_dir)
         s.name = s.name or p.stem
         s.source = read_lora(p, allow_partial=args.allow_partial)
     for prompt in prompts:
         for tag in parse_prompt(prompt)[1]:
-            if lora_dir is None:
-                if not Path(tag.name).is_file():
-                    raise UserError(f"prompt tag {tag.text}: no --lora-dir given to look up '{tag.name}'")
-            elif find_lora(lora_dir, tag.name) is None:
-                raise UserError(f"prompt tag {tag.text}: '{tag.name}' is not in the LoRA folder {lora_dir}")
+            try:
+                resolve_lora(tag.name, lora_dir)
+            except UserError as e:
+                hint = "" if lora_dir is not None else " (give --lora-dir to look names up in a folder)"
+                raise UserError(f"prompt tag {tag.text}: {e}{hint}") from None
     return specs, lora_dir
 
 
@@ -145,6 +140,7 @@ def _load_generator(args, lora_dir):
     import torch
 
     from trainer.config import ModelConfig
+    from trainer.errors import UserError
     from trainer.generation import Generator
     from trainer.models import load_base_model
 
@@ -154,6 +150,8 @@ def _load_generator(args, lora_dir):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    if not 1 <= args.clip_skip <= 12:
+        raise UserError(f"--clip-skip {args.clip_skip}: must be between 1 and 12")
     cfg = ModelConfig(base=args.model, family=args.family, vae=args.vae, clip_skip=args.clip_skip)
     _quiet_loading()
     base = load_base_model(cfg, dtype=dtype, device=device)
@@ -178,10 +176,10 @@ def _image_kwargs(args) -> dict:
 
 def _generate(args) -> int:
     from trainer.errors import UserError
-    from trainer.generation import _check_size, save_image
+    from trainer.generation import check_image_size, save_image
 
     out = _check_out(args.out)
-    _check_size(args.width, args.height, args.steps, args.batch)
+    check_image_size(args.width, args.height, args.steps, args.batch)
     if args.batch > 64:
         raise UserError(f"--batch {args.batch}: at most 64 images per call")
     specs, lora_dir = _prepare(args, [args.prompt])
@@ -199,10 +197,10 @@ def _generate(args) -> int:
 
 def _grid(args) -> int:
     from trainer.errors import UserError
-    from trainer.generation import _check_size, list_checkpoints, save_image
+    from trainer.generation import check_image_size, list_checkpoints, save_image
 
     out = _check_out(args.out)
-    _check_size(args.width, args.height, args.steps, 1)
+    check_image_size(args.width, args.height, args.steps, 1)
     weights = _numbers(args.weights, "weights")
     seeds = _numbers(args.seeds, "seeds", int)
     prompts = args.prompts or []

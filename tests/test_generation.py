@@ -111,6 +111,23 @@ def test_fused_equals_unfused_and_differs_from_base(sd1, loras):
     g.clear_loras()
 
 
+def test_fused_model_has_the_base_structure(sd1, loras):
+    """Fused LoRAs add no latency by construction: same modules, same shapes and dtypes, no hooks."""
+    from trainer.generation import Generator, LoraSpec
+
+    def layout(m):
+        return [(n, type(x).__name__, len(x._forward_hooks) + len(x._forward_pre_hooks)) for n, x in m.named_modules()] \
+            + [(n, tuple(p.shape), p.dtype) for n, p in m.named_parameters()]
+    before = [layout(m) for m in _models(sd1)]
+    g = Generator(sd1)
+    g.set_loras([LoraSpec(loras["a"], 0.8), LoraSpec(loras["b"], 0.6)])
+    assert [layout(m) for m in _models(sd1)] == before
+    g.set_loras([LoraSpec(loras["a"], 0.8)], mode="unfused")
+    assert [layout(m) for m in _models(sd1)] != before
+    g.clear_loras()
+    assert [layout(m) for m in _models(sd1)] == before
+
+
 def test_exact_restore_after_changing_weights_and_clearing(sd1, loras):
     from trainer.generation import Generator, LoraSpec
     original = _state(_models(sd1))

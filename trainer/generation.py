@@ -188,21 +188,7 @@ class Generator:
             del self._cache[old]
 
     def _resolve(self, name: str) -> Path:
-        """A path, or a name looked up in the LoRA folder by file stem, then by `ss_output_name`."""
-        p = Path(name).expanduser()
-        if p.is_file():
-            return p.resolve()
-        if self.lora_dir is not None:
-            if (self.lora_dir / name).is_file():
-                return (self.lora_dir / name).resolve()
-            found = find_lora(self.lora_dir, p.stem if p.suffix.lower() == ".safetensors" else name)
-            if found is not None:
-                return found.resolve()
-        if p.suffix or p.parent != Path(".") or self.lora_dir is None:
-            where = f" (LoRA folder {self.lora_dir})" if self.lora_dir is not None and not p.suffix else ""
-            raise UserError(f"LoRA file not found: {name}{where}", path=name)
-        raise UserError(f"LoRA '{name}' is not in the LoRA folder {self.lora_dir} (looked for {name}.safetensors "
-                        f"and ss_output_name '{name}')", path=name)
+        return resolve_lora(name, self.lora_dir)
 
     # ---- choosing LoRAs
 
@@ -444,7 +430,7 @@ class Generator:
                   width: int, height: int, sampler: str, clip_skip: int | None = None,
                   on_step: Callable[[int, int], None] | None = None, extra: dict | None = None) -> list:
         import torch
-        _check_size(width, height, steps, len(seeds))
+        check_image_size(width, height, steps, len(seeds))
         with self._lock:
             text, from_prompt = self.resolve_prompt(prompt)
             active = self._explicit + from_prompt
@@ -586,7 +572,8 @@ def _gen(gen: dict) -> dict:
     return {**_GEN_DEFAULTS, **gen}
 
 
-def _check_size(width: int, height: int, steps: int, batch: int) -> None:
+def check_image_size(width: int, height: int, steps: int, batch: int) -> None:
+    """Image settings every pipeline accepts: sides positive multiples of 8, at least one step and one image."""
     for v, name in ((width, "width"), (height, "height")):
         if int(v) < 8 or int(v) % 8:
             raise UserError(f"{name}: {v} px must be a positive multiple of 8", field=name)
@@ -647,6 +634,25 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not files:
         raise UserError(f"checkpoints: no .safetensors LoRA files in {run}", path=str(run))
     return files
+
+
+def resolve_lora(name: str, lora_dir: str | Path | None = None) -> Path:
+    """A LoRA path: an existing file, else a file in the LoRA folder by name, stem, or `ss_output_name`."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p.resolve()
+    if lora_dir is not None:
+        lora_dir = Path(lora_dir)
+        if (lora_dir / name).is_file():
+            return (lora_dir / name).resolve()
+        found = find_lora(lora_dir, p.stem if p.suffix.lower() == ".safetensors" else name)
+        if found is not None:
+            return found.resolve()
+        if p.suffix.lower() != ".safetensors" and p.parent == Path("."):
+            raise UserError(f"LoRA '{name}' is not in the LoRA folder {lora_dir} (looked for {name}.safetensors "
+                            f"and ss_output_name '{name}')", path=name)
+        raise UserError(f"LoRA file not found: {name} (nor in the LoRA folder {lora_dir})", path=name)
+    raise UserError(f"LoRA file not found: {name}", path=name)
 
 
 def find_lora(lora_dir: str | Path, name: str) -> Path | None:

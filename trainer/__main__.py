@@ -58,8 +58,12 @@ def run_training(args, argv_for_log: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if res.status == "stopped" and is_main:
-        print(f"stopped at step {res.step}; resume with: python -m trainer --config {res.run_dir / 'config.toml'} "
-              "--resume", file=sys.stderr)
+        from .checkpoint import latest_checkpoint
+        if latest_checkpoint(res.run_dir) is None:
+            print("stopped before the first step; nothing to resume (start the run again)", file=sys.stderr)
+        else:
+            print(f"stopped at step {res.step}; resume with: python -m trainer --config "
+                  f"{res.run_dir / 'config.toml'} --resume", file=sys.stderr)
     return 0
 
 

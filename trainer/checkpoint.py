@@ -9,16 +9,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
-from .optim import optimizer_state_to_tensors, tensors_to_optimizer_state
+if TYPE_CHECKING:  # list_checkpoints/latest_checkpoint stay torch-free for the GUI
+    import torch
 
 CHECKPOINT_DIR = "checkpoints"
 
 
-def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+def trainable_state(modules: dict[str, "torch.nn.Module"]) -> dict[str, "torch.Tensor"]:
     """The trainable (LoRA) parameters of each component, by 'component/param name'."""
     out = {}
     for comp, m in modules.items():
@@ -28,7 +27,8 @@ def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
     return out
 
 
-def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(modules: dict[str, "torch.nn.Module"], state: dict[str, "torch.Tensor"]) -> None:
+    import torch
     params = {f"{comp}/{n}": p for comp, m in modules.items() for n, p in m.named_parameters() if p.requires_grad}
     missing = set(params) - set(state)
     unexpected = set(state) - set(params)
@@ -43,6 +43,10 @@ def load_trainable_state(modules: dict[str, torch.nn.Module], state: dict[str, t
 def save_checkpoint(run_dir: Path, step: int, *, modules, optimizer, scheduler, data_pos: dict,
                     config_toml: str, keep: int) -> Path:
     """Write checkpoints/step-XXXXXXXX atomically (temp folder, then rename) and prune old ones."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .optim import optimizer_state_to_tensors
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -91,6 +95,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_checkpoint(path: Path, *, modules, optimizer, scheduler) -> dict[str, Any]:
     """Restore everything into the live objects; returns state.json (step, data position)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .optim import tensors_to_optimizer_state
     path = Path(path)
     state = json.loads((path / "state.json").read_text(encoding="utf-8"))
     load_trainable_state(modules, load_file(str(path / "lora_state.safetensors")))
@@ -123,9 +131,11 @@ def _set_py_random_state(s):
 
 
 def _np_random_state():
+    import numpy as np
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
 
 
 def _set_np_random_state(s):
+    import numpy as np
     np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))

@@ -206,7 +206,20 @@ def train(cfg: C.Config, on_event: Callable[[Event], None] | None = None,
             sink.close()
 
 
+class _StoppedDuringSetup(Exception):
+    pass
+
+
 def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, resume: bool, command: str):
+    try:
+        return _train_inner(cfg, data, accelerator, run_dir, emit, should_stop, resume, command)
+    except _StoppedDuringSetup:
+        emit(RunEnded(status="stopped", step=0, error=""))
+        emit(Log(message="stopped before the first step; nothing to save"))
+        return TrainResult("stopped", 0, run_dir, None)
+
+
+def _train_inner(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, resume: bool, command: str):
     from .lora_inject import inject_lora
     from .lora_io import build_metadata, save_diffusers_lora, save_lora
     from .models import load_base_model
@@ -223,7 +236,10 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
     emit(Phase(name="loading model", done=0, total=1))
     torch.manual_seed(tr.seed)
     base = load_base_model(cfg.model, dtype=weight_dtype, device=device)
+    setup_progress_stop = accelerator.num_processes == 1 and should_stop()
     emit(Phase(name="loading model", done=1, total=1))
+    if setup_progress_stop:
+        raise _StoppedDuringSetup
     unet, vae, text_encoders = base.unet, base.vae, base.text_encoders
     for m in (unet, vae, *text_encoders):
         m.requires_grad_(False)
@@ -255,6 +271,11 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
         skipped.add(i)
         emit(Log(level="warning", message=f"skipped {data.examples[i].path}: {why}"))
 
+    def setup_progress(name: str, done: int, total: int) -> None:
+        emit(Phase(name=name, done=done, total=total))
+        if accelerator.num_processes == 1 and should_stop():  # Stop while caching: nothing trained yet
+            raise _StoppedDuringSetup
+
     if cfg.data.cache_latents:
         disk = None
         if cfg.data.cache_latents_to_disk:
@@ -262,7 +283,7 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
         cache = LatentCache(data, vae, device=device, dtype=weight_dtype, disk_dir=disk, flip=cfg.data.flip)
         with accelerator.main_process_first():
             cache.build(list(range(len(data.examples))),
-                        lambda d, t: emit(Phase(name="caching latents", done=d, total=t)), skip)
+                        lambda d, t: setup_progress("caching latents", d, t), skip)
     else:
         for i, ex in enumerate(data.examples):  # still check every image decodes before step 1
             try:

@@ -260,3 +260,10 @@ def test_cli_train_from_shipped_preset_on_single_file_checkpoint(tiny_sd1_dir, i
     meta = safe_open(str(lora), "pt").metadata()
     assert meta["ss_sd_model_name"] == "v1-5-tiny.safetensors" and meta["ss_network_dim"] == "16"
     assert "done:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stop_during_setup_ends_at_once_without_files(tiny_sd1_dir, image_folder, tmp_path):
+    res = train(run_cfg(tiny_overrides(tiny_sd1_dir, image_folder, tmp_path / "o", steps=50)), should_stop=lambda: True)
+    assert res.status == "stopped" and res.step == 0
+    assert not list((tmp_path / "o").rglob("*.safetensors"))
+    assert read_events(res.run_dir / "events.jsonl")[-2]["status"] == "stopped"

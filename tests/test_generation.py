@@ -35,7 +35,8 @@ def _base(model_dir: Path):
 
 
 def make_lora(path: Path, family: str, seed: int, *, rank: int = 4, alpha: float = 2.0, te: bool = True,
-              targets: str = "kohya", output_name: str | None = None, strength: float = 0.3) -> Path:
+              targets: str = "kohya", output_name: str | None = None, strength: float = 0.3,
+              save_precision: str = "fp32") -> Path:
     """A LoRA file in our (kohya) format: inject into a fresh tiny model, randomise lora_B, save."""
     from trainer.config import LoraConfig
     from trainer.lora_inject import inject_lora
@@ -53,7 +54,7 @@ def make_lora(path: Path, family: str, seed: int, *, rank: int = 4, alpha: float
             for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
                 w.copy_(torch.randn(w.shape, generator=g) * strength)
     meta = {"ss_output_name": output_name} if output_name else {}
-    save_lora(path, pipe.unet, tes, family=family, metadata=meta, save_precision="fp32")
+    save_lora(path, pipe.unet, tes, family=family, metadata=meta, save_precision=save_precision)
     return path
 
 
@@ -370,7 +371,7 @@ def test_diffusers_save_lora_weights_file_loads(sd1, tmp_path):
     assert np.abs(_arr(ours) - _arr(theirs)).max() <= 2
 
 
-def test_inspect_lora(loras):
+def test_inspect_lora(loras, tmp_path):
     from trainer.generation import format_inspection, inspect_lora
     from trainer.lora_io import lora_addnet_hash
     info = inspect_lora(loras["b"])
@@ -383,6 +384,8 @@ def test_inspect_lora(loras):
     text = format_inspection(info)
     assert "rank(s):     8" in text and info["short_hash"] in text
     assert inspect_lora(loras["xl"])["family"] == "sdxl"
+    half = inspect_lora(make_lora(tmp_path / "half.safetensors", "sd1", 4, save_precision="fp16"))
+    assert half["dtypes"] == ["float16"]
 
 
 def test_unknown_keys_refused_unless_partial_allowed(sd1, loras, tmp_path):

@@ -800,7 +800,11 @@ def inspect_lora(path: str | Path) -> dict:
             tensors += 1
     meta = dict(lora.metadata or {})
     addnet = _addnet(lora)
-    key_count = _key_count(p)
+    header = _header(p)  # the file's own dtypes (the reader keeps fp32 copies)
+    if header:
+        dtypes = {_DTYPES.get(str(v.get("dtype")), str(v.get("dtype")).lower()) for v in header.values()
+                  if isinstance(v, dict) and v.get("shape")}  # weights only, not the 0-dim alphas
+    key_count = len(header) if header else None
     return {
         "path": str(p),
         "file_size": p.stat().st_size,
@@ -822,13 +826,24 @@ def inspect_lora(path: str | Path) -> dict:
     }
 
 
-def _key_count(path: Path) -> int | None:
+def _header(path: Path) -> dict:
+    """The safetensors JSON header (tensor names, dtypes, shapes) without reading any tensor; {} if unreadable."""
+    import json
+    import struct
     try:
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            return len(list(f.keys()))
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > 100 * 2**20:
+                return {}
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return header if isinstance(header, dict) else {}
     except Exception:
-        return None
+        return {}
+
+
+_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+           "I32": "int32", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def format_inspection(info: dict, *, max_value_chars: int = 200) -> str:

@@ -147,6 +147,23 @@ def test_exact_restore_after_changing_weights_and_clearing(sd1, loras):
     assert not any("lora" in n for m in _models(sd1) for n, _ in m.named_modules())
 
 
+def test_exact_restore_in_half_precision(tiny_sd1_dir, loras):
+    """bf16 layers: merged in fp32 and cast once; the originals still come back bit for bit."""
+    from trainer.config import ModelConfig
+    from trainer.generation import Generator, LoraSpec
+    from trainer.models import load_base_model
+    half = load_base_model(ModelConfig(base=str(tiny_sd1_dir)), dtype=torch.bfloat16, device="cpu")
+    original = _state(_models(half))
+    g = Generator(half)
+    g.set_loras([LoraSpec(loras["a"], 0.8), LoraSpec(loras["b"], 0.6)])
+    merged = _state(_models(half))
+    assert not _same_state(original, merged)
+    assert all(v.dtype == original[k].dtype for k, v in merged.items())
+    g.set_loras([LoraSpec(loras["a"], 0.1)])
+    g.clear_loras()
+    assert _same_state(original, _state(_models(half)))
+
+
 @pytest.mark.parametrize("mode", ["fused", "unfused"])
 def test_all_weights_zero_is_the_base_image(sd1, loras, mode):
     from trainer.generation import Generator, LoraSpec

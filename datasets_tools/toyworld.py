@@ -1,0 +1,575 @@
+"""Toy world: drawn 64 px coloured shapes with captions, two styles, their statistics, and a content scorer.
+
+Everything here is numpy + Pillow (no torch), so datasets, tests and the GUI demo can use it cheaply.
+
+* The **world**: one circle, square or triangle (apex up) in one of five colours on a plain, light, slightly
+  tinted background, at a random position and size (radius 8-22 px). Drawn at 4x and box-downscaled, so
+  edges are anti-aliased. Captions come from varied templates with colour and shape words in different
+  places (``caption``), so a text encoder trained on them reads words, not positions.
+* **Styles** the toy base never sees: ``"stripes"`` (dark diagonal bars) and ``"dots"`` (a lattice of dark
+  dots), drawn over the whole picture. Each has a scalar **style statistic** (``style_statistic``): the
+  luminance contrast of the pattern, measured on the background only, phase-invariant, about 0 for a plain
+  picture and about 150-200 for a styled one. The two statistics do not see each other's pattern.
+* The **scorer** (``score_image``) reads colour and shape back from any picture, generated or drawn, styled
+  or not: colour is the hue of saturated, not-dark pixels; shape comes from the row-width profile of those
+  pixels (fill ratio, top against bottom width). It scores 100% on drawn pictures, with or without a style.
+* ``make_dataset`` writes PNG + same-stem ``.txt`` caption folders, the layout the trainer reads.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64            # final picture side, px
+SUPERSAMPLE = 4      # drawn at 4x and box-downscaled
+
+#: Canonical colours (RGB) and their hues in degrees. Hues are at least 50 degrees apart.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "yellow": (235, 200, 30),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 220),
+    "purple": (150, 50, 200),
+}
+COLOUR_JITTER = 16   # +- per channel
+SHAPES = ("circle", "square", "triangle")
+RADIUS_RANGE = (8.0, 22.0)
+STYLES = ("stripes", "dots")
+
+# Style geometry, in final-picture pixels.
+STRIPE_PERIOD = 16   # along x + y (diagonal bars; perpendicular spacing 16 / sqrt 2 = 11.3 px)
+STRIPE_WIDTH = 6     # along x + y (perpendicular thickness 4.2 px)
+DOT_PERIOD = 10      # square lattice; 10 does not divide 16, so dots and stripes do not alias
+DOT_RADIUS = 2.5
+DARK = (28, 26, 32)
+
+# Caption templates: colour and shape words move around; fillers vary the length.
+_TEMPLATES = (
+    "{a} {c} {s}",
+    "{c} {s}",
+    "a {c} {s}",
+    "a picture of a {c} {s}",
+    "a drawing of a {c} {s}",
+    "an image of a {c} {s}",
+    "a {s} in {c}",
+    "a {s}, {c}",
+    "{s}, {c}",
+    "{c}, {s}",
+    "a {s} that is {c}",
+    "the {s} is {c}",
+    "a {c} {s} on a plain background",
+    "a simple {c} {s}",
+    "a flat {c} {s} shape",
+    "{c} {s}, simple drawing",
+    "a {s} coloured {c}",
+    "one {c} {s}",
+    "a small drawing, {c} {s}",
+    "plain background with a {c} {s}",
+)
+#: Every word the templates use (the toy tokenizer gives each one token).
+FILLER_WORDS = ("a", "an", "the", "of", "in", "on", "is", "that", "with", "one", "picture", "drawing",
+                "image", "plain", "background", "simple", "flat", "shape", "coloured", "small", "style")
+
+_COLOUR_RE = re.compile(r"\b(" + "|".join(COLOURS) + r")\b")
+_SHAPE_RE = re.compile(r"\b(" + "|".join(SHAPES) + r")\b")
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One toy-world picture's content: what ``render`` draws and ``caption`` describes."""
+    colour: str
+    shape: str
+    cx: float           # centre, final-picture px
+    cy: float
+    radius: float       # half the shape's extent, px
+    rgb: tuple[int, int, int]
+    background: tuple[int, int, int]
+
+
+def _rng(seed_or_rng) -> np.random.Generator:
+    return seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(seed_or_rng)
+
+
+def sample_drawing(rng, colour: str | None = None, shape: str | None = None) -> Drawing:
+    """A random drawing (colour and shape may be fixed)."""
+    rng = _rng(rng)
+    colour = colour or str(rng.choice(list(COLOURS)))
+    shape = shape or str(rng.choice(SHAPES))
+    if colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(f"unknown colour or shape: {colour!r}, {shape!r}")
+    r = float(rng.uniform(*RADIUS_RANGE))
+    m = r + 2.0
+    cx, cy = float(rng.uniform(m, SIZE - m)), float(rng.uniform(m, SIZE - m))
+    rgb = tuple(int(np.clip(v + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1), 0, 255)) for v in COLOURS[colour])
+    base = int(rng.integers(222, 249))
+    bg = tuple(int(np.clip(base + rng.integers(-14, 7), 0, 255)) for _ in range(3))
+    return Drawing(colour, shape, cx, cy, r, rgb, bg)
+
+
+def _shape_polygon(d: Drawing, k: float):
+    cx, cy, r = d.cx * k, d.cy * k, d.radius * k
+    if d.shape == "square":
+        s = r * 0.88  # about a circle's area
+        return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
+    if d.shape == "triangle":
+        return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
+    return None
+
+
+def _draw_big(d: Drawing) -> Image.Image:
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (SIZE * k, SIZE * k), d.background)
+    draw = ImageDraw.Draw(img)
+    poly = _shape_polygon(d, k)
+    if poly is None:
+        cx, cy, r = d.cx * k, d.cy * k, d.radius * k
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=d.rgb)
+    else:
+        draw.polygon(poly, fill=d.rgb)
+    return img
+
+
+def _grid(k: int):
+    """Pixel-centre coordinates of the 4x canvas, in final-picture px."""
+    n = SIZE * k
+    c = (np.arange(n, dtype=np.float32) + 0.5) / k
+    return c[None, :], c[:, None]  # x (row vector), y (column vector)
+
+
+def style_mask(style: str, phase: tuple[float, float] = (0.0, 0.0), k: int = SUPERSAMPLE) -> np.ndarray:
+    """Boolean mask (4x canvas) of where a style's dark marks go; ``phase`` shifts the pattern (px)."""
+    x, y = _grid(k)
+    if style == "stripes":
+        u = (x + y + phase[0]) % STRIPE_PERIOD
+        return np.broadcast_to(u < STRIPE_WIDTH, (SIZE * k, SIZE * k)).copy()
+    if style == "dots":
+        dx = (x + phase[0]) % DOT_PERIOD - DOT_PERIOD / 2
+        dy = (y + phase[1]) % DOT_PERIOD - DOT_PERIOD / 2
+        return (dx * dx + dy * dy) <= DOT_RADIUS ** 2
+    raise ValueError(f"unknown style {style!r}; choose one of {STYLES}")
+
+
+def _apply_mask(img: Image.Image, mask: np.ndarray, rgb=DARK) -> Image.Image:
+    a = np.asarray(img).copy()
+    a[mask] = rgb
+    return Image.fromarray(a)
+
+
+def _downscale(img: Image.Image) -> Image.Image:
+    return img.resize((SIZE, SIZE), Image.Resampling.BOX)
+
+
+def render(d: Drawing, style: str | None = None, rng=None) -> Image.Image:
+    """The 64x64 RGB picture of a drawing, optionally in a style (the pattern's phase is random)."""
+    img = _draw_big(d)
+    if style is not None:
+        rng = _rng(rng if rng is not None else 0)
+        img = _apply_mask(img, style_mask(style, tuple(rng.uniform(0, 100, 2))))
+    return _downscale(img)
+
+
+def random_dark_overlay(img: Image.Image, d: Drawing, rng) -> Image.Image:
+    """VAE training augmentation: a generic dark pattern (bars at any angle, period and width; dot
+    lattices; checkers; thick outlines) on a 4x canvas, so the autoencoder learns to carry dark, fine
+    patterns. It is not told about the test styles: their exact geometry is only one draw among many."""
+    rng = _rng(rng)
+    k = SUPERSAMPLE
+    x, y = _grid(k)
+    kind = rng.choice(["bars", "dots", "checker", "outline", "grid"], p=[0.4, 0.25, 0.1, 0.1, 0.15])
+    shade = tuple(int(v) for v in rng.integers(0, 70, 3))
+    if kind == "bars":
+        th = rng.uniform(0, np.pi)
+        period = rng.uniform(6, 24)
+        width = rng.uniform(1.5, period * 0.6)
+        u = (x * np.cos(th) + y * np.sin(th) + rng.uniform(0, period)) % period
+        mask = u < width
+    elif kind == "dots":
+        period = rng.uniform(5, 16)
+        rad = rng.uniform(1.0, period * 0.4)
+        dx = (x + rng.uniform(0, period)) % period - period / 2
+        dy = (y + rng.uniform(0, period)) % period - period / 2
+        mask = dx * dx + dy * dy <= rad * rad
+    elif kind == "checker":
+        p = rng.uniform(3, 12)
+        mask = ((np.floor(x / p) + np.floor(y / p)) % 2) == 0
+    elif kind == "grid":
+        p = rng.uniform(6, 20)
+        w = rng.uniform(1, 3)
+        mask = ((x % p) < w) | ((y % p) < w)
+    else:  # outline
+        big = Image.new("L", (SIZE * k, SIZE * k), 0)
+        draw = ImageDraw.Draw(big)
+        w = int(rng.uniform(1.5, 4) * k)
+        poly = _shape_polygon(d, k)
+        if poly is None:
+            cx, cy, r = d.cx * k, d.cy * k, d.radius * k
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=255, width=w)
+        else:
+            draw.polygon(poly, outline=255, width=w)
+        mask = np.asarray(big) > 0
+    return _apply_mask(img, np.broadcast_to(mask, (SIZE * k, SIZE * k)), shade)
+
+
+def render_vae_training(d: Drawing, rng, p_overlay: float = 0.6) -> Image.Image:
+    """A picture for autoencoder training: plain, or with a random dark overlay (``random_dark_overlay``)."""
+    rng = _rng(rng)
+    img = _draw_big(d)
+    if rng.random() < p_overlay:
+        img = random_dark_overlay(img, d, rng)
+    return _downscale(img)
+
+
+# ---------------------------------------------------------------- captions
+
+def caption(d: Drawing | tuple[str, str], rng=None, template: int | str | None = None,
+            junk_prob: float = 0.0) -> str:
+    """A caption naming the colour and shape; a random template unless one is given (index or format
+    string with ``{c}``, ``{s}``, ``{a}``). ``junk_prob``: chance of inserting a random made-up word at a
+    random place (pretraining uses it so an unseen trigger word anywhere does not change what is drawn)."""
+    colour, shape = (d.colour, d.shape) if isinstance(d, Drawing) else d
+    rng = _rng(rng if rng is not None else 0)
+    if template is None:
+        template = int(rng.integers(len(_TEMPLATES)))
+    fmt = _TEMPLATES[template] if isinstance(template, int) else template
+    text = fmt.format(c=colour, s=shape, a="a")
+    if junk_prob and rng.random() < junk_prob:
+        words = text.split(" ")
+        n = int(rng.integers(1, 3))
+        for _ in range(n):
+            word = "".join(chr(ord("a") + int(i)) for i in rng.integers(0, 26, int(rng.integers(2, 7))))
+            if rng.random() < 0.3:
+                word += rng.choice([" style", ","])
+            words.insert(int(rng.integers(0, len(words) + 1)), word)
+        text = " ".join(words)
+    return text
+
+
+def add_trigger(text: str, trigger: str | None, position: str = "start") -> str:
+    """Put a trigger word at the start (``"zxq, a red circle"``) or the end (``"a red circle, zxq"``)."""
+    if not trigger:
+        return text
+    if position == "start":
+        return f"{trigger}, {text}"
+    if position == "end":
+        return f"{text}, {trigger}"
+    raise ValueError("position must be 'start' or 'end'")
+
+
+def parse_caption(text: str) -> tuple[str | None, str | None]:
+    """(colour, shape) named in a caption, or None for a missing one."""
+    c, s = _COLOUR_RE.search(text.lower()), _SHAPE_RE.search(text.lower())
+    return (c.group(1) if c else None, s.group(1) if s else None)
+
+
+def vocabulary() -> list[str]:
+    """Every word the captions use (for building the toy tokenizer)."""
+    return sorted(set(COLOURS) | set(SHAPES) | set(FILLER_WORDS))
+
+
+def prompts(n: int, seed: int = 0, template: int | str = 2, trigger: str | None = None,
+            position: str = "start") -> list[tuple[str, str, str]]:
+    """``n`` evaluation prompts cycling evenly through the 15 colour-shape pairs, in a seeded order:
+    a list of (prompt, colour, shape). Template 2 is ``"a {c} {s}"``."""
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        for i in rng.permutation(len(pairs)):
+            c, s = pairs[i]
+            out.append((add_trigger(caption((c, s), template=template), trigger, position), c, s))
+    return out[:n]
+
+
+# ---------------------------------------------------------------- datasets
+
+def make_dataset(dir: str | Path, n: int, style: str | None = None, trigger: str | None = None,
+                 seed: int = 0, position: str = "start", template: int | str | None = None,
+                 balanced: bool = True) -> list[dict]:
+    """Write ``n`` pictures (``00000.png``) and captions (``00000.txt``) into ``dir``.
+
+    ``style``: None, ``"stripes"`` or ``"dots"``. ``trigger``: a word added at ``position`` ("start" or
+    "end"). ``template``: a fixed caption template (default: random templates). ``balanced``: cycle
+    through all 15 colour-shape pairs. Returns one record per picture (file, caption, colour, shape)."""
+    out = Path(dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    order = [pairs[i] for i in rng.permutation(len(pairs))]
+    records = []
+    for i in range(n):
+        c, s = order[i % len(order)] if balanced else (None, None)
+        d = sample_drawing(rng, c, s)
+        img = render(d, style, rng)
+        text = add_trigger(caption(d, rng, template), trigger, position)
+        stem = out / f"{i:05d}"
+        img.save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(text + "\n", encoding="utf-8")
+        records.append({"file": str(stem.with_suffix(".png")), "caption": text, "colour": d.colour,
+                        "shape": d.shape})
+    return records
+
+
+def make_arrays(n: int, seed: int = 0, style: str | None = None, vae_overlay: float = 0.0):
+    """In-memory pictures for pretraining: (uint8 array [n, 64, 64, 3], colours [n], shapes [n])."""
+    rng = np.random.default_rng(seed)
+    imgs = np.empty((n, SIZE, SIZE, 3), np.uint8)
+    colours, shapes = [], []
+    for i in range(n):
+        d = sample_drawing(rng)
+        img = render_vae_training(d, rng, vae_overlay) if vae_overlay else render(d, style, rng)
+        imgs[i] = np.asarray(img)
+        colours.append(d.colour)
+        shapes.append(d.shape)
+    return imgs, colours, shapes
+
+
+# ---------------------------------------------------------------- scoring
+
+def _as_array(img) -> np.ndarray:
+    """HxWx3 float array in 0..255 from a PIL image, uint8 array or float array in 0..1."""
+    if isinstance(img, Image.Image):
+        return np.asarray(img.convert("RGB"), dtype=np.float32)
+    a = np.asarray(img)
+    if a.dtype != np.uint8 and a.size and a.max() <= 1.0 + 1e-6:
+        return a.astype(np.float32) * 255.0
+    return a.astype(np.float32)
+
+
+def _hsv(a: np.ndarray):
+    mx, mn = a.max(-1), a.min(-1)
+    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
+    return sat, mx / 255.0
+
+
+def shape_mask(img, min_saturation: float = 0.22, min_value: float = 0.25) -> np.ndarray:
+    """Pixels of the shape: saturated and not dark (backgrounds are pale, style marks are dark)."""
+    a = _as_array(img)
+    sat, val = _hsv(a)
+    return (sat >= min_saturation) & (val >= min_value)
+
+
+def _hue_deg(rgb: np.ndarray) -> np.ndarray:
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return (np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) + 360.0) % 360.0
+
+
+_CANON_HUE = {c: colorsys.rgb_to_hsv(*[v / 255 for v in rgb])[0] * 360 for c, rgb in COLOURS.items()}
+
+
+def classify_colour(img, mask: np.ndarray | None = None) -> str | None:
+    """The named colour nearest in hue to the shape's pixels (circular mean), or None if nothing is there."""
+    a = _as_array(img)
+    m = shape_mask(a) if mask is None else mask
+    if m.sum() < 6:
+        return None
+    px = a[m]
+    hsv = np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in px[:: max(1, len(px) // 400)]])
+    h = hsv[:, 0] * 2 * np.pi
+    w = hsv[:, 1]
+    mean = np.degrees(np.arctan2((np.sin(h) * w).sum(), (np.cos(h) * w).sum())) % 360
+    return min(_CANON_HUE, key=lambda c: min(abs(mean - _CANON_HUE[c]), 360 - abs(mean - _CANON_HUE[c])))
+
+
+def _grow(m: np.ndarray, px: int) -> np.ndarray:
+    """Dilate a boolean mask by ``px`` pixels (square neighbourhood)."""
+    g = m.copy()
+    for _ in range(px):
+        n = g.copy()
+        n[1:] |= g[:-1]
+        n[:-1] |= g[1:]
+        n[:, 1:] |= g[:, :-1]
+        n[:, :-1] |= g[:, 1:]
+        n[1:, 1:] |= g[:-1, :-1]
+        n[:-1, :-1] |= g[1:, 1:]
+        n[1:, :-1] |= g[:-1, 1:]
+        n[:-1, 1:] |= g[1:, :-1]
+        g = n
+    return g
+
+
+def _largest_component(m: np.ndarray) -> np.ndarray:
+    """The shape's pixels in the largest connected part, after a 3-px dilation that bridges dark style marks
+    (bars up to 6 px across) but not separate blobs far apart."""
+    h, w = m.shape
+    grown = _grow(m, 3)
+    labels = np.zeros((h, w), np.int32)
+    best, best_n, cur = 0, 0, 0
+    for y0, x0 in zip(*np.nonzero(grown)):
+        if labels[y0, x0]:
+            continue
+        cur += 1
+        stack, n = [(y0, x0)], 0
+        labels[y0, x0] = cur
+        while stack:
+            y, x = stack.pop()
+            n += 1
+            for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= yy < h and 0 <= xx < w and grown[yy, xx] and not labels[yy, xx]:
+                    labels[yy, xx] = cur
+                    stack.append((yy, xx))
+        n = int((m & (labels == cur)).sum())
+        if n > best_n:
+            best, best_n = cur, n
+    return m & (labels == best)
+
+
+def shape_features(img, mask: np.ndarray | None = None) -> dict | None:
+    """Features of the shape's bounding box (of its largest connected part): ``fill`` (shape pixels over
+    the box), ``top``/``bottom`` (fill of the box's top and bottom fifths), ``corners`` (mean fill of the
+    box's four corner boxes, a quarter of each side), ``top_corners``/``bottom_corners`` (the same for the
+    top two and bottom two), ``height``, ``width``. Dark pixels
+    (style marks) count neither way: they are left out of every fraction, so stripes or dots over a shape
+    do not read as holes. None if there is no shape."""
+    a = _as_array(img)
+    m = shape_mask(a) if mask is None else mask
+    if m.sum() < 6:
+        return None
+    sat, val = _hsv(a)
+    known = m | (val >= 0.35)
+    m = _largest_component(m)
+    ys, xs = np.nonzero(m)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    box_m, box_k = m[y0:y1, x0:x1].astype(np.float32), known[y0:y1, x0:x1].astype(np.float32)
+    h, w = box_m.shape
+
+    def frac(sl):
+        k = box_k[sl].sum()
+        return float(box_m[sl].sum() / k) if k > 0 else 0.0
+
+    qh, qw = max(1, h // 5), max(1, w // 5)
+    ch, cw = max(1, h // 4), max(1, w // 4)
+    corners = [frac((slice(0, ch), slice(0, cw))), frac((slice(0, ch), slice(w - cw, w))),
+               frac((slice(h - ch, h), slice(0, cw))), frac((slice(h - ch, h), slice(w - cw, w)))]
+    return {"fill": frac((slice(None), slice(None))), "top": frac((slice(0, qh), slice(None))),
+            "bottom": frac((slice(h - qh, h), slice(None))), "corners": float(np.mean(corners)),
+            "top_corners": float(np.mean(corners[:2])), "bottom_corners": float(np.mean(corners[2:])),
+            "height": int(h), "width": int(w)}
+
+
+def classify_shape(img, mask: np.ndarray | None = None) -> str | None:
+    """circle, square or triangle from ``shape_features``; None if there is no shape."""
+    f = shape_features(img, mask)
+    if f is None:
+        return None
+    # Two sums, each well apart between shapes on drawn pictures with or without a style:
+    # squareness (corner fill + fill): circle about 1.05, triangle 0.95, square 2.0;
+    # bottom-heaviness (bottom - top fill, bottom - top corners): circle and square 0, triangle 1.6.
+    squareness = f["corners"] + f["fill"]
+    bottom_heavy = f["bottom"] - f["top"] + f["bottom_corners"] - f["top_corners"]
+    if squareness >= 1.52:
+        return "square"
+    if bottom_heavy > 0.85:
+        return "triangle"
+    return "circle"
+
+
+def score_image(img) -> dict:
+    """{"colour": name or None, "shape": name or None} read from a picture."""
+    a = _as_array(img)
+    m = shape_mask(a)
+    return {"colour": classify_colour(a, m), "shape": classify_shape(a, m)}
+
+
+def score_images(images, expected: list[tuple[str, str]]) -> dict:
+    """Accuracy of pictures against the (colour, shape) each should show: {"colour", "shape", "both", "n"}
+    as fractions, plus ``"per_pair"`` misses for diagnosis."""
+    c_ok = s_ok = both = 0
+    misses: dict[str, int] = {}
+    for img, (colour, shape) in zip(images, expected):
+        got = score_image(img)
+        ci, si = got["colour"] == colour, got["shape"] == shape
+        c_ok += ci
+        s_ok += si
+        both += ci and si
+        if not (ci and si):
+            key = f"{colour} {shape} -> {got['colour']} {got['shape']}"
+            misses[key] = misses.get(key, 0) + 1
+    n = max(1, len(expected))
+    return {"colour": c_ok / n, "shape": s_ok / n, "both": both / n, "n": len(expected), "misses": misses}
+
+
+# ---------------------------------------------------------------- style statistics
+
+def _luminance(a: np.ndarray) -> np.ndarray:
+    return a @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def background_mask(img) -> np.ndarray:
+    """Pixels away from the shape (shape mask grown by 2 px): where style statistics are measured."""
+    return ~_grow(shape_mask(img), 2)
+
+
+def _fold_contrast(lum: np.ndarray, keep: np.ndarray, phase_index: np.ndarray, n_phase: int,
+                   template: np.ndarray) -> float:
+    """Max over circular shifts of (mean luminance off the template - mean on it), phases folded."""
+    idx = phase_index[keep]
+    s = np.bincount(idx, lum[keep], n_phase)
+    c = np.bincount(idx, None, n_phase)
+    best = 0.0
+    for shift in range(n_phase):
+        on = np.roll(template, shift)
+        n_on, n_off = c[on].sum(), c[~on].sum()
+        if n_on < 4 or n_off < 4:
+            continue
+        best = max(best, s[~on].sum() / n_off - s[on].sum() / n_on)
+    return float(best)
+
+
+def stripe_statistic(img) -> float:
+    """Contrast (0-255 luminance) of dark diagonal bars of the ``stripes`` period and width, on the
+    background, at the best-fitting phase. About 0-5 for a plain picture, about 150-200 when striped."""
+    a = _as_array(img)
+    h, w = a.shape[:2]
+    y, x = np.mgrid[0:h, 0:w]
+    phase = (x + y) % STRIPE_PERIOD
+    template = np.arange(STRIPE_PERIOD) < STRIPE_WIDTH
+    return _fold_contrast(_luminance(a), background_mask(a), phase,
+                          STRIPE_PERIOD, template)
+
+
+def dot_statistic(img) -> float:
+    """Contrast (0-255 luminance) of a dark dot lattice of the ``dots`` period and radius, on the
+    background, at the best-fitting phase. About 0-5 for a plain picture, about 100-150 when dotted."""
+    a = _as_array(img)
+    h, w = a.shape[:2]
+    y, x = np.mgrid[0:h, 0:w]
+    p = DOT_PERIOD
+    phase = (y % p) * p + (x % p)
+    lum, keep = _luminance(a), background_mask(a)
+    idx = phase[keep]
+    s = np.bincount(idx, lum[keep], p * p).reshape(p, p)
+    c = np.bincount(idx, None, p * p).reshape(p, p)
+    yy, xx = np.mgrid[0:p, 0:p] + 0.5
+    disc = ((xx - p / 2) ** 2 + (yy - p / 2) ** 2) <= DOT_RADIUS ** 2
+    best = 0.0
+    for dy in range(p):
+        for dx in range(p):
+            on = np.roll(disc, (dy, dx), (0, 1))
+            n_on, n_off = c[on].sum(), c[~on].sum()
+            if n_on < 4 or n_off < 4:
+                continue
+            best = max(best, s[~on].sum() / n_off - s[on].sum() / n_on)
+    return float(best)
+
+
+STYLE_STATISTICS = {"stripes": stripe_statistic, "dots": dot_statistic}
+
+
+def style_statistic(img, style: str) -> float:
+    """The named style's statistic of one picture (see ``stripe_statistic``, ``dot_statistic``)."""
+    try:
+        return STYLE_STATISTICS[style](img)
+    except KeyError:
+        raise ValueError(f"unknown style {style!r}; choose one of {STYLES}") from None
+
+
+def mean_style_statistic(images, style: str) -> float:
+    """Mean of ``style_statistic`` over pictures."""
+    vals = [style_statistic(im, style) for im in images]
+    return float(np.mean(vals)) if vals else 0.0

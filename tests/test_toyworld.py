@@ -1,0 +1,170 @@
+"""Toy world: the drawing generator, styles and scorer (no torch), and the committed pretrained toy base."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets_tools import toyworld as tw
+
+BASE = Path(__file__).resolve().parents[1] / "trainer" / "assets" / "toyworld"
+
+
+def _drawn(n: int, style=None, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pairs = [(c, s) for c in tw.COLOURS for s in tw.SHAPES]
+    imgs, expected = [], []
+    for i in range(n):
+        d = tw.sample_drawing(rng, *pairs[i % len(pairs)])
+        imgs.append(tw.render(d, style, rng))
+        expected.append((d.colour, d.shape))
+    return imgs, expected
+
+
+# ---------------------------------------------------------------- generator, styles, scorer (fast)
+
+def test_module_needs_no_torch():
+    code = "import sys, datasets_tools.toyworld; assert 'torch' not in sys.modules; assert 'trainer' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_scorer_is_exact_on_drawn_pictures():
+    imgs, expected = _drawn(450)
+    r = tw.score_images(imgs, expected)
+    assert r["colour"] == 1.0 and r["shape"] == 1.0, r["misses"]
+
+
+@pytest.mark.parametrize("style", tw.STYLES)
+def test_scorer_reads_content_through_a_style(style):
+    imgs, expected = _drawn(300, style, seed=1)
+    r = tw.score_images(imgs, expected)
+    assert r["colour"] == 1.0, r["misses"]
+    assert r["shape"] >= 0.98, r["misses"]
+
+
+def test_scorer_on_empty_picture():
+    blank = np.full((64, 64, 3), 235, np.uint8)
+    assert tw.score_image(blank) == {"colour": None, "shape": None}
+    assert tw.score_images([blank], [("red", "circle")])["both"] == 0.0
+
+
+def test_style_statistics_see_their_own_style_only():
+    plain, _ = _drawn(60)
+    stripes, _ = _drawn(60, "stripes", seed=2)
+    dots, _ = _drawn(60, "dots", seed=3)
+    s = {name: {st: tw.mean_style_statistic(imgs, st) for st in tw.STYLES}
+         for name, imgs in (("plain", plain), ("stripes", stripes), ("dots", dots))}
+    assert s["plain"]["stripes"] < 3 and s["plain"]["dots"] < 3, s
+    assert s["stripes"]["stripes"] > 150 and s["dots"]["dots"] > 150, s
+    assert s["stripes"]["dots"] < 0.05 * s["dots"]["dots"], s      # no cross-talk
+    assert s["dots"]["stripes"] < 0.05 * s["stripes"]["stripes"], s
+    with pytest.raises(ValueError):
+        tw.style_statistic(plain[0], "plaid")
+
+
+def test_style_statistic_is_phase_invariant():
+    d = tw.sample_drawing(np.random.default_rng(4))
+    vals = [tw.stripe_statistic(tw.render(d, "stripes", seed)) for seed in range(5)]
+    assert max(vals) - min(vals) < 15, vals
+
+
+def test_captions_name_colour_and_shape_in_varied_places():
+    rng = np.random.default_rng(0)
+    firsts = set()
+    for _ in range(300):
+        c, s = str(rng.choice(list(tw.COLOURS))), str(rng.choice(tw.SHAPES))
+        text = tw.caption((c, s), rng, junk_prob=0.5)
+        assert tw.parse_caption(text) == (c, s), text
+        firsts.add(text.split()[0])
+    assert {"a", "red", "circle"} & firsts and len(firsts) > 10  # colour/shape words move around
+    assert tw.add_trigger("a red circle", "zxq", "start") == "zxq, a red circle"
+    assert tw.add_trigger("a red circle", "zxq", "end") == "a red circle, zxq"
+    assert set(w for t in tw._TEMPLATES for w in t.format(c="red", s="circle", a="a").replace(",", "").split()) \
+        <= set(tw.vocabulary())
+
+
+def test_make_dataset_writes_pictures_and_captions(tmp_path):
+    recs = tw.make_dataset(tmp_path / "ds", 15, style="stripes", trigger="zxq style", seed=3)
+    pngs = sorted((tmp_path / "ds").glob("*.png"))
+    assert len(pngs) == 15 and len(list((tmp_path / "ds").glob("*.txt"))) == 15
+    assert {(r["colour"], r["shape"]) for r in recs} == {(c, s) for c in tw.COLOURS for s in tw.SHAPES}
+    for r in recs:
+        text = Path(r["file"]).with_suffix(".txt").read_text().strip()
+        assert text.startswith("zxq style, ") and tw.parse_caption(text) == (r["colour"], r["shape"])
+    from PIL import Image
+    img = Image.open(pngs[0])
+    assert img.size == (64, 64) and img.mode == "RGB"
+    assert tw.stripe_statistic(img) > 100
+    again = tw.make_dataset(tmp_path / "ds2", 15, style="stripes", trigger="zxq style", seed=3)
+    assert [r["caption"] for r in again] == [r["caption"] for r in recs]
+    assert (tmp_path / "ds2" / "00007.png").read_bytes() == (tmp_path / "ds" / "00007.png").read_bytes()
+
+
+def test_prompts_cover_all_pairs_evenly():
+    ps = tw.prompts(30, trigger="zxq", position="end")
+    assert len(ps) == 30 and all(p.endswith(", zxq") for p, _, _ in ps)
+    assert sorted((c, s) for _, c, s in ps) == sorted([(c, s) for c in tw.COLOURS for s in tw.SHAPES] * 2)
+
+
+# ---------------------------------------------------------------- the committed toy base
+
+@pytest.fixture(scope="module")
+def toy_pipe():
+    pytest.importorskip("torch")
+    from trainer.toyworld_pretrain import load_toyworld
+    assert (BASE / "model_index.json").exists(), "committed toy base missing: python -m trainer.toyworld_pretrain"
+    return load_toyworld(BASE)
+
+
+def test_committed_base_is_small_fp16_diffusers_layout():
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (BASE / sub).is_dir(), sub
+    weights = list(BASE.rglob("*.safetensors"))
+    assert len(weights) == 3 and sum(w.stat().st_size for w in weights) < 12 * 2**20
+    from safetensors import safe_open
+    with safe_open(str(BASE / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert str(f.get_tensor(next(iter(f.keys()))).dtype) == "torch.float16"
+    assert (BASE / "tokenizer" / "vocab.json").exists() and (BASE / "tokenizer" / "merges.txt").exists()
+
+
+def test_committed_base_loads_like_any_diffusers_model(toy_pipe):
+    from diffusers import StableDiffusionPipeline
+    assert isinstance(toy_pipe, StableDiffusionPipeline)
+    assert toy_pipe.scheduler.config.prediction_type == "epsilon"
+    assert toy_pipe.scheduler.config.beta_schedule == "scaled_linear"
+    toks = toy_pipe.tokenizer.tokenize("zxq, a red circle")
+    assert toks[-2:] == ["red</w>", "circle</w>"]  # caption words are single tokens, unseen words still work
+
+
+def test_base_draws_what_the_prompt_says(toy_pipe):
+    """>= 98% colour and >= 95% shape on 200 samples (DDIM 20 steps, guidance 5)."""
+    from trainer.toyworld_pretrain import generate
+    ps = tw.prompts(200, seed=0)
+    imgs = generate(toy_pipe, [p for p, _, _ in ps], seed=0, steps=20, guidance=5.0)
+    r = tw.score_images(imgs, [(c, s) for _, c, s in ps])
+    assert r["colour"] >= 0.98 and r["shape"] >= 0.95, r
+
+
+@pytest.mark.parametrize("style", tw.STYLES)
+def test_vae_carries_the_styles(toy_pipe, style):
+    """An encode/decode round trip keeps >= 80% of each style's statistic (the VAE can express it)."""
+    from trainer.toyworld_pretrain import roundtrip
+    imgs, _ = _drawn(30, style, seed=5)
+    raw = tw.mean_style_statistic(imgs, style)
+    rec = tw.mean_style_statistic(roundtrip(toy_pipe.vae, imgs), style)
+    assert rec >= 0.8 * raw, (rec, raw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("position", ["start", "end"])
+def test_base_ignores_an_unseen_trigger_word(toy_pipe, position):
+    from trainer.toyworld_pretrain import generate
+    ps = tw.prompts(200, seed=1, trigger="zxq style", position=position)
+    imgs = generate(toy_pipe, [p for p, _, _ in ps], seed=1, steps=20, guidance=5.0)
+    r = tw.score_images(imgs, [(c, s) for _, c, s in ps])
+    assert r["colour"] >= 0.95 and r["shape"] >= 0.9, r
+    assert tw.mean_style_statistic(imgs, "stripes") < 15

@@ -9,7 +9,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -17,7 +17,6 @@ from .errors import UserError
 from .prompt_syntax import LoraTag, a1111_alias, parse_lora_arg, parse_prompt
 
 MODES = ("fused", "unfused")
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 # ------------------------------------------------------------------------------------------------ requests

@@ -43,7 +43,7 @@ def png_parameters(prompt: str, negative: str, *, steps: int, sampler: str, cfg_
     if loras:
         hashes = ", ".join(f"{n.replace(':', '').replace(',', '')}: {h[:12]}" for n, h, _ in loras)
         fields.append(f'Lora hashes: "{hashes}"')
-        fields.append("Lora weights: " + ", ".join(f"{n}: {w:g}" for n, _, w in loras))
+        fields.append('Lora weights: "' + ", ".join(f"{n}: {w:g}" for n, _, w in loras) + '"')
     for k, v in (extra or {}).items():
         fields.append(f"{k}: {v}")
     text = prompt

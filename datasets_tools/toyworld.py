@@ -419,6 +419,11 @@ def _largest_component(m: np.ndarray) -> np.ndarray:
     return m & (labels == best)
 
 
+#: Pixels at least this bright (HSV value) that are not shape count as background in shape fractions;
+#: darker ones (style marks and their blends) count neither way.
+KNOWN_BACKGROUND_VALUE = 0.35
+
+
 def shape_features(img, mask: np.ndarray | None = None) -> dict | None:
     """Features of the shape's bounding box (of its largest connected part): ``fill`` (shape pixels over
     the box), ``top``/``bottom`` (fill of the box's top and bottom fifths), ``corners`` (mean fill of the
@@ -431,7 +436,7 @@ def shape_features(img, mask: np.ndarray | None = None) -> dict | None:
     if m.sum() < 6:
         return None
     sat, val = _hsv(a)
-    known = m | (val >= 0.35)
+    known = m | (val >= KNOWN_BACKGROUND_VALUE)
     m = _largest_component(m)
     ys, xs = np.nonzero(m)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1

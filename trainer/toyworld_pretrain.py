@@ -2,7 +2,7 @@
 
     python -m trainer.toyworld_pretrain --out trainer/assets/toyworld --seed 0
 
-Stages (all seeded; the same seed, step counts and thread count give the same weights):
+Stages (all seeded):
 
 1. **Tokenizer**: a CLIPTokenizer with a small vocabulary of our own: CLIP's 512 byte-level symbols, one
    BPE token per caption word (merges learned from ``toyworld.vocabulary()``), start and end tokens. Any
@@ -22,7 +22,12 @@ Stages (all seeded; the same seed, step counts and thread count give the same we
 A stage that would run past its deadline anneals its learning rate on wall time instead of steps and stops
 at the deadline (it says so, and records the steps done in ``toyworld_pretrain.json``); such a run is not
 bit-reproducible. Without a binding deadline the step counts make the run, and the same seed, step counts
-and thread count give the same weights. Also here: ``load_toyworld`` and ``generate`` (used by tests and benchmarks).
+and thread count give the same weights. On a machine shared with other jobs, use ``--threads 1`` or set
+``OMP_WAIT_POLICY=PASSIVE``: two spinning OpenMP threads that keep losing their core run up to 5x slower.
+Figures and provenance of the committed weights: ``docs/toyworld.md``.
+
+Also here, for tests and benchmarks: ``load_toyworld``, ``generate`` (batched, per-picture seeds) and
+``roundtrip`` (VAE encode/decode).
 """
 
 from __future__ import annotations
@@ -167,42 +172,6 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadli
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
             log(f"vae step {step + 1}/{steps} mse {mse.item():.5f} psnr {psnr:.1f} dB "
                 f"({(step + 1) / (time.time() - t0):.2f} steps/s)")
-    vae.eval()
-    return done
-
-
-def polish_decoder(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadline: float,
-                   lr: float = 3e-4) -> int:
-    """Decoder-only fine-tuning (encoder frozen, so the latent space the UNet learned stays the same): sharper
-    decodes of dark, fine patterns. Runs on the fp16-rounded weights that get saved."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    vae.eval()
-    vae.decoder.train()
-    t0 = time.time()
-    budget = max(30.0, deadline - t0)
-    done = steps
-    for step in range(steps):
-        progress = max(step / steps, (time.time() - t0) / budget)
-        if progress >= 1.0:
-            log(f"decoder polish: time budget reached at step {step} of {steps} (time-bound)")
-            done = step
-            break
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, 20, progress)
-        idx = torch.randint(0, len(images), (batch,), generator=g)
-        x = _to_tensor(images[idx.numpy()])
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mean
-        mse = torch.nn.functional.mse_loss(vae.decode(z).sample, x)
-        opt.zero_grad(set_to_none=True)
-        mse.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"decoder polish step {step + 1}/{steps} psnr {10 * math.log10(4.0 / max(mse.item(), 1e-10)):.1f} dB")
     vae.eval()
     return done
 

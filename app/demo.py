@@ -8,7 +8,11 @@
 * the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``) when it is
   there; otherwise a tiny SD1.5-shaped model with **random weights** at ``demo/model`` (its images are noise:
   the demo then shows the workflow, not a result). ``DemoInfo.label`` says which, and the web app shows it.
-* a user preset ``demo`` with settings sized for a CPU (64 px, rank 8, 50 steps, samples every 25 steps).
+* ``regularisation/``: plain toy-world pictures with ordinary captions ("a red circle"), mixed into every batch
+  (prior preservation). The toy-world ablations (docs/toyworld-ablations.md) show that without them the style
+  leaks into prompts without the trigger word.
+* a user preset ``demo``: the shipped ``toyworld-style`` preset (64 px, rank 8, caption dropout, regularisation)
+  pointed at these folders, with samples along the way, sized to learn the style on a CPU in a few minutes.
 
 Everything is drawn with Pillow/numpy; no download.
 """
@@ -23,6 +27,7 @@ from pathlib import Path
 TOYWORLD_MODEL = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "toyworld"
 TRIGGER = "zxq"
 PRESET_NAME = "demo"
+TOYWORLD_PRESET = "toyworld-style"
 
 
 @dataclass
@@ -64,6 +69,10 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
     if not any(images.glob("*.png")):
         say("drawing the demo pictures ...")
         draw_pictures(images, n_images)
+    reg = d / "regularisation"
+    if not any(reg.glob("*.png")):
+        say("drawing the regularisation pictures ...")
+        draw_regularisation(reg, n_images * 2)
     if toyworld_available():
         model, pretrained = TOYWORLD_MODEL, True
         label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes; the demo pictures add a "
@@ -77,27 +86,42 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
         label = ("DEMO with RANDOM WEIGHTS: a tiny SD1.5-shaped model that was never trained, so its images are "
                  "noise. It lets you walk through scan, caption, train and generate on a CPU in a few minutes.")
     say("writing the demo preset ...")
-    write_demo_preset(model, images, Path(root).resolve() / "outputs")
+    write_demo_preset(model, images, Path(root).resolve() / "outputs", reg if pretrained else None)
     info = DemoInfo(str(d), str(model), str(images), PRESET_NAME, pretrained, label)
     (d / "demo.json").write_text(json.dumps(asdict(info), indent=1), encoding="utf-8")
     return info
 
 
-def write_demo_preset(model: Path, images: Path, outputs: Path) -> Path:
-    from trainer.config import apply_dict, default_config
-    from trainer.presets import save_user_preset
-    cfg = apply_dict(default_config(), {
-        "preset_version": 1,
+def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None = None) -> Path:
+    """The shipped toy-world preset pointed at the demo folders (a short generic run on random weights)."""
+    from trainer.config import apply_dict, default_config, read_toml
+    from trainer.presets import resolve_preset, save_user_preset
+    cfg = default_config()
+    if reg is not None:
+        cfg = apply_dict(cfg, read_toml(resolve_preset(TOYWORLD_PRESET)), TOYWORLD_PRESET)
+    steps = cfg.train.max_steps if reg is not None else 50
+    cfg = apply_dict(cfg, {
         "model": {"base": str(model)},
-        "data": {"dir": str(images), "resolution": 64, "min_bucket_px": 64, "max_bucket_px": 128,
-                 "bucket_step_px": 64, "default_caption": TRIGGER},
-        "lora": {"rank": 8, "alpha": 8.0},
-        "train": {"max_steps": 50, "batch_size": 2, "learning_rate": 1e-3, "save_every_steps": 25, "seed": 42},
-        "sample": {"every_steps": 25, "prompts": [f"{TRIGGER}, a red circle", f"{TRIGGER}, a blue square"],
-                   "steps": 12, "width": 64, "height": 64},
+        "data": {"dir": str(images), "reg_dir": str(reg or ""), "resolution": 64, "min_bucket_px": 64,
+                 "max_bucket_px": 128, "bucket_step_px": 64, "default_caption": TRIGGER},
+        "train": {"max_steps": steps, "save_every_steps": steps // 2},
+        "sample": {"every_steps": steps // 4,
+                   "prompts": [f"{TRIGGER}, a red circle", f"{TRIGGER}, a blue square", "a yellow triangle"],
+                   "steps": 20, "guidance_scale": 5.0, "sampler": "ddim", "width": 64, "height": 64},
         "output": {"dir": str(outputs), "name": "demo-lora", "trigger_phrase": TRIGGER},
     }, "demo preset")
-    return save_user_preset(PRESET_NAME, cfg, "Demo: a tiny CPU run on the drawn demo pictures (64 px, 50 steps).")
+    if reg is None:
+        cfg = apply_dict(cfg, {"lora": {"rank": 8, "alpha": 8.0},
+                               "train": {"batch_size": 2, "learning_rate": 1e-3, "seed": 42}}, "demo preset")
+    return save_user_preset(PRESET_NAME, cfg, f"Demo: learn the drawn 'stripes' style on the toy-world model "
+                                              f"({steps} steps at 64 px; the last sample prompt has no trigger "
+                                              f"word and should stay plain).")
+
+
+def draw_regularisation(folder: Path, n: int) -> None:
+    """Plain toy-world pictures with ordinary captions (prior preservation for the demo run)."""
+    from datasets_tools import toyworld as tw
+    tw.make_dataset(folder, n, style=None, trigger=None, seed=2)
 
 
 def draw_pictures(folder: Path, n: int) -> list[Path]:

@@ -101,7 +101,27 @@ def test_demo_pictures_and_preset(tmp_path, monkeypatch):
     assert (64, 64) in sizes and len(sizes) == 3  # square, wide and tall: the bucket preview has crops to show
     preset = demo.write_demo_preset(tmp_path / "model", tmp_path / "pics", tmp_path / "outputs")
     cfg = C.load_config(preset)
-    assert cfg.data.resolution == 64 and cfg.model.base == str(tmp_path / "model")
+    assert cfg.data.resolution == 64 and cfg.model.base == str(tmp_path / "model") and not cfg.data.reg_dir
+
+
+def test_demo_on_the_toy_world_learns_with_regularisation(tmp_path, monkeypatch):
+    """The demo uses the pretrained toy-world base, the shipped toyworld-style preset and a folder of plain
+    pictures as regularisation (without them the style leaks: docs/toyworld-ablations.md)."""
+    from app import demo
+    monkeypatch.setenv("LORASTUDIO_HOME", str(tmp_path / "home"))
+    assert demo.toyworld_available()
+    info = demo.create_demo(tmp_path)
+    assert info.pretrained and "toy-world" in info.label and info.model == str(demo.TOYWORLD_MODEL)
+    from trainer.presets import resolve_preset
+    cfg = C.load_config(resolve_preset(info.preset))
+    shipped = C.load_config(REPO / "presets" / "toyworld-style.toml")
+    reg = Path(cfg.data.reg_dir)
+    assert reg.is_dir() and len(list(reg.glob("*.png"))) == 24 and len(list(reg.glob("*.txt"))) == 24
+    assert all("zxq" not in t.read_text() for t in reg.glob("*.txt"))  # ordinary captions, no trigger
+    for key in ("lora.rank", "train.learning_rate", "train.batch_size", "data.caption_dropout", "lora.conv_rank"):
+        sec, name = key.split(".")
+        assert getattr(getattr(cfg, sec), name) == getattr(getattr(shipped, sec), name), key
+    assert cfg.sample.prompts[-1] == "a yellow triangle"  # no trigger: the sample that should stay plain
 
 
 def test_auth_argument():

@@ -30,6 +30,9 @@ expect = sync_api.expect
 
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
+# the demo runs on the committed toy-world base (pretrained here), not on random weights
+DEMO_LABEL = "toy-world model, pretrained here"
+DEMO_MODEL = re.compile(r"trainer/assets/toyworld$")
 SHOTS = os.environ.get("LORASTUDIO_SCREENSHOTS")  # a folder: save the documentation screenshots there
 
 
@@ -127,10 +130,10 @@ def test_page_has_four_tabs_and_demo_fills_the_forms(page):
     for name in ("Dataset", "Train", "Generate", "Presets"):
         expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
     # --demo builds the tiny model in the background; the banner says what it is and the forms fill in
-    expect(page.locator("#demo-banner")).to_contain_text("RANDOM WEIGHTS", timeout=120_000)
+    expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL, timeout=120_000)
     expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"), timeout=30_000)
     tab(page, "Train")
-    expect(page.locator(f"#{field(page, 'model.base')} input")).to_have_value(re.compile(r"demo/model$"))
+    expect(page.locator(f"#{field(page, 'model.base')} input")).to_have_value(DEMO_MODEL)
     expect(page.locator(f"#{field(page, 'data.resolution')} input")).to_have_value("64")
     tab(page, "Dataset")
 
@@ -268,7 +271,7 @@ def test_train_live_progress_reattach_stop_resume(page, server):
 
 def test_generate_with_two_loras_and_a_grid(page, server):
     tab(page, "Generate")
-    expect(page.locator("#g-base input")).to_have_value(re.compile(r"demo/model$"))
+    expect(page.locator("#g-base input")).to_have_value(DEMO_MODEL)
     page.locator("#g-refresh").click()
     run = server["root"] / "outputs" / "demo-lora"
     step_file = sorted(run.glob("demo-lora-step*.safetensors"))[0]

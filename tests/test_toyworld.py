@@ -168,3 +168,33 @@ def test_base_ignores_an_unseen_trigger_word(toy_pipe, position):
     r = tw.score_images(imgs, [(c, s) for _, c, s in ps])
     assert r["colour"] >= 0.95 and r["shape"] >= 0.9, r
     assert tw.mean_style_statistic(imgs, "stripes") < 15
+
+
+# ---------------------------------------------------------------- phase 2 tooling (style LoRAs on the toy base)
+
+def test_style_lora_tooling_trains_through_the_cli_and_scores_through_the_engine(tmp_path):
+    """The harness of docs/toyworld.md phase 2 and benchmarks/toyworld_ablations.py: a few steps through
+    `lorastudio train` with the shipped toyworld-style preset, then sampling through the generation engine."""
+    pytest.importorskip("torch")
+    from trainer import toyworld_lora as tl
+    recs = tl.make_style_set(tmp_path / "style", "stripes", 15)
+    assert all(r["caption"].startswith("zxq style, ") for r in recs)
+    tl.make_reg_set(tmp_path / "reg", 15)
+    lora = tl.train_style_lora(tmp_path / "style", tmp_path / "runs", "toy", reg_dir=tmp_path / "reg",
+                               overrides={"train.max_steps": 3, "train.batch_size": 4})
+    from safetensors import safe_open
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_num_reg_images"] == "15"       # the regularisation set was used (kohya's keys)
+        assert "img_count" in f.metadata()["ss_reg_dataset_dirs"]
+        assert any(k.startswith("lora_te_") for k in f.keys())  # text encoder trained (the preset's setting)
+    ev = tl.Evaluator()
+    prompts = tw.prompts(3, seed=0, trigger="zxq style")
+    base = ev.images(prompts)
+    ev.set_loras([(lora, 0.0)])
+    assert all(np.array_equal(a, b) for a, b in zip(base, ev.images(prompts)))  # weight 0 is the base
+    ev.set_loras([(lora, 1.0)])
+    scores, imgs = ev.score(prompts)
+    assert len(imgs) == 3 and imgs[0].shape == (64, 64, 3) and scores.n == 3
+    assert any(not np.array_equal(a, b) for a, b in zip(base, imgs))  # the LoRA is applied
+    with pytest.raises(RuntimeError, match="lorastudio train exited"):
+        tl.train_style_lora(tmp_path / "nope", tmp_path / "runs", "bad")

@@ -71,9 +71,15 @@ class TrainData:
                                    for i, (b, n) in enumerate(sorted(buckets.items()))},
                        "mean_img_ar_error": float(np.mean([abs(e.size[0] / e.size[1] - e.bucket[0] / e.bucket[1])
                                                            for e in self.train_examples]))}
+        reg_dirs: dict[str, dict] = {}
+        for e in self.examples:
+            if e.is_reg:
+                d = reg_dirs.setdefault(e.subset, {"n_repeats": e.repeats, "img_count": 0})
+                d["img_count"] += 1
         return {"dataset_dirs": dirs, "tag_frequency": {k: dict(v) for k, v in tags.items()},
                 "bucket_info": bucket_info,
-                "num_train_images": sum(e.repeats for e in self.train_examples)}
+                "num_train_images": sum(e.repeats for e in self.train_examples),
+                "num_reg_images": sum(e.repeats for e in self.examples if e.is_reg), "reg_dataset_dirs": reg_dirs}
 
 
 def _collect(root: str, cfg: Config, is_reg: bool, warn: Callable[[str], None]) -> tuple[list, int]:

@@ -346,7 +346,8 @@ def _bucket_info(info: dict) -> dict:
 def build_metadata(cfg, *, family: str, prediction_type: str, base_model_name: str, steps: int, epoch: int,
                    started_at: float, finished_at: float, session_id: int, num_train_images: int,
                    tag_frequency: dict, dataset_dirs: dict, bucket_info: dict,
-                   resolved_config_toml: str) -> dict[str, str]:
+                   resolved_config_toml: str, num_reg_images: int = 0,
+                   reg_dataset_dirs: dict | None = None) -> dict[str, str]:
     """The ``ss_*`` and ``modelspec.*`` keys of §11.1.6 (shapes of §6.1) plus our ``lorastudio.*`` keys.
 
     The hash keys are added by save_lora.
@@ -401,6 +402,7 @@ def build_metadata(cfg, *, family: str, prediction_type: str, base_model_name: s
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_max_grad_norm": str(train.max_grad_norm),
         "ss_num_train_images": str(int(num_train_images)),
+        "ss_num_reg_images": str(int(num_reg_images)),
         "ss_noise_offset": str(float(train.noise_offset)),
         "ss_min_snr_gamma": str(float(train.min_snr_gamma)),
         "ss_caption_dropout_rate": str(float(data.caption_dropout)),
@@ -421,6 +423,8 @@ def build_metadata(cfg, *, family: str, prediction_type: str, base_model_name: s
                                         for d, tags in (tag_frequency or {}).items()})
         md["ss_dataset_dirs"] = _json({str(d): {"n_repeats": int(v["n_repeats"]), "img_count": int(v["img_count"])}
                                        for d, v in (dataset_dirs or {}).items()})
+        md["ss_reg_dataset_dirs"] = _json({str(d): {"n_repeats": int(v["n_repeats"]), "img_count": int(v["img_count"])}
+                                           for d, v in (reg_dataset_dirs or {}).items()})
     md.update({
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": ARCHITECTURES[(family, v_pred)],

@@ -361,7 +361,8 @@ def _train_inner(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_
             cfg, family=base.family, prediction_type=base.prediction_type, base_model_name=base.name, steps=step,
             epoch=epoch, started_at=t_start, finished_at=time.time() if finished else 0.0, session_id=session_id,
             num_train_images=stats["num_train_images"], tag_frequency=stats["tag_frequency"],
-            dataset_dirs=stats["dataset_dirs"], bucket_info=stats["bucket_info"], resolved_config_toml=config_toml)
+            dataset_dirs=stats["dataset_dirs"], bucket_info=stats["bucket_info"], resolved_config_toml=config_toml,
+            num_reg_images=stats["num_reg_images"], reg_dataset_dirs=stats["reg_dataset_dirs"])
         save_lora(path, unwrapped(unet_t), [unwrapped(t) for t in text_encoders], family=base.family,
                   metadata=meta, save_precision=cfg.output.save_precision)
         return path

@@ -9,10 +9,10 @@
   there; otherwise a tiny SD1.5-shaped model with **random weights** at ``demo/model`` (its images are noise:
   the demo then shows the workflow, not a result). ``DemoInfo.label`` says which, and the web app shows it.
 * ``regularisation/``: plain toy-world pictures with ordinary captions ("a red circle"), mixed into every batch
-  (prior preservation). The toy-world ablations (docs/toyworld-ablations.md) show that without them the style
+  (prior preservation). The toy-world measurements (docs/toyworld.md, phase 2) show that without them the style
   leaks into prompts without the trigger word.
 * a user preset ``demo``: the shipped ``toyworld-style`` preset (64 px, rank 8, caption dropout, regularisation)
-  pointed at these folders, with samples along the way, sized to learn the style on a CPU in a few minutes.
+  pointed at these folders, with samples along the way: a few minutes on a CPU.
 
 Everything is drawn with Pillow/numpy; no download.
 """
@@ -114,7 +114,7 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None
     if reg is None:
         cfg = apply_dict(cfg, {"lora": {"rank": 8, "alpha": 8.0},
                                "train": {"batch_size": 2, "learning_rate": 1e-3, "seed": 42}}, "demo preset")
-    return save_user_preset(PRESET_NAME, cfg, f"Demo: learn the drawn 'stripes' style on the toy-world model "
+    return save_user_preset(PRESET_NAME, cfg, f"Demo: train on the drawn 'stripes' pictures with the toy-world model "
                                               f"({steps} steps at 64 px; the last sample prompt has no trigger "
                                               f"word and should stay plain).")
 

@@ -36,7 +36,7 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, work: Path, ev, n: int, threads: int) -> dict:
+def run_variant(name: str, work: Path, ev, n: int, threads: int, max_steps: int = 0) -> dict:
     from trainer import toyworld_lora as tl
     what, overrides, position, reg = VARIANTS[name]
     style, trigger = "stripes", tl.TRIGGERS["stripes"]
@@ -46,6 +46,8 @@ def run_variant(name: str, work: Path, ev, n: int, threads: int) -> dict:
     reg_dir = work / "reg"
     if reg and not reg_dir.is_dir():
         tl.make_reg_set(reg_dir)
+    if max_steps:
+        overrides = {**overrides, "train.max_steps": max_steps}
     t = time.time()
     lora = tl.train_style_lora(data, work / "runs", name, reg_dir=reg_dir if reg else None, overrides=overrides,
                                threads=threads)
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma list of variants: " + ", ".join(VARIANTS))
     ap.add_argument("--n", type=int, default=60, help="samples per condition (cycling through the 15 pairs)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=0, help="override the preset's train.max_steps (smoke runs)")
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", default=str(REPO / "docs" / "toyworld-ablations.md"))
     ap.add_argument("--json", default="", help="also write the raw figures here")
@@ -85,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     base_off, _ = ev.score(tw.prompts(args.n, seed=0), styles=("stripes",))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        rows = [run_variant(v, work, ev, args.n, args.threads) for v in names]
-    result = {"n": args.n, "ceiling": ceiling, "base": {"with_trigger": base_on.row(), "without_trigger": base_off.row()},
+        rows = [run_variant(v, work, ev, args.n, args.threads, args.max_steps) for v in names]
+    result = {"n": args.n, "max_steps": args.max_steps, "ceiling": ceiling, "base": {"with_trigger": base_on.row(), "without_trigger": base_off.row()},
               "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -107,6 +110,8 @@ def render_table(result: dict) -> str:
         f"style is limited by the VAE too: a round trip of drawn striped pictures scores colour {c['colour']:.0%}, "
         f"shape {c['shape']:.0%}.",
         "",
+        *([f"**Smoke run: every variant stopped at {result['max_steps']} steps; these figures say nothing about "
+           "learning.**", ""] if result.get("max_steps") else []),
         "| variant | with trigger: stripes | colour | shape | without trigger: stripes (leak) | colour | shape | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -198,3 +198,15 @@ def test_style_lora_tooling_trains_through_the_cli_and_scores_through_the_engine
     assert any(not np.array_equal(a, b) for a, b in zip(base, imgs))  # the LoRA is applied
     with pytest.raises(RuntimeError, match="lorastudio train exited"):
         tl.train_style_lora(tmp_path / "nope", tmp_path / "runs", "bad")
+
+
+def test_ablation_script_writes_the_table(tmp_path):
+    """`python -m benchmarks.toyworld_ablations` end to end on one variant, cut to 2 steps (a smoke run)."""
+    pytest.importorskip("torch")
+    from benchmarks import toyworld_ablations as ab
+    out = tmp_path / "ablations.md"
+    assert ab.main(["--only", "unet_only", "--n", "3", "--max-steps", "2", "--out", str(out),
+                    "--work", str(tmp_path / "work")]) == 0
+    text = out.read_text()
+    assert "Smoke run" in text and "| base model, no LoRA |" in text and "| unet_only: UNet-only LoRA" in text
+    assert ab.main(["--only", "rank99"]) == 2  # an unknown variant is one line and exit 2

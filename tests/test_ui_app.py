@@ -104,9 +104,9 @@ def test_demo_pictures_and_preset(tmp_path, monkeypatch):
     assert cfg.data.resolution == 64 and cfg.model.base == str(tmp_path / "model") and not cfg.data.reg_dir
 
 
-def test_demo_on_the_toy_world_learns_with_regularisation(tmp_path, monkeypatch):
+def test_demo_on_the_toy_world_uses_the_shipped_preset_and_regularisation(tmp_path, monkeypatch):
     """The demo uses the pretrained toy-world base, the shipped toyworld-style preset and a folder of plain
-    pictures as regularisation (without them the style leaks: docs/toyworld-ablations.md)."""
+    pictures as regularisation (without them the style leaks: docs/toyworld.md, phase 2)."""
     from app import demo
     monkeypatch.setenv("LORASTUDIO_HOME", str(tmp_path / "home"))
     assert demo.toyworld_available()

@@ -95,11 +95,9 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
 
 def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None = None) -> Path:
     """The shipped toy-world preset pointed at the demo folders (a short generic run on random weights)."""
-    from trainer.config import apply_dict, default_config, read_toml
+    from trainer.config import apply_dict, load_config
     from trainer.presets import resolve_preset, save_user_preset
-    cfg = default_config()
-    if reg is not None:
-        cfg = apply_dict(cfg, read_toml(resolve_preset(TOYWORLD_PRESET)), TOYWORLD_PRESET)
+    cfg = load_config(resolve_preset(TOYWORLD_PRESET) if reg is not None else None)
     steps = cfg.train.max_steps if reg is not None else 50
     cfg = apply_dict(cfg, {
         "model": {"base": str(model)},

@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         rows = [run_variant(v, work, ev, args.n, args.threads, args.max_steps) for v in names]
-    result = {"n": args.n, "max_steps": args.max_steps, "ceiling": ceiling, "base": {"with_trigger": base_on.row(), "without_trigger": base_off.row()},
-              "rows": rows}
+    result = {"n": args.n, "max_steps": args.max_steps, "ceiling": ceiling,
+              "base": {"with_trigger": base_on.row(), "without_trigger": base_off.row()}, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     Path(args.out).write_text(render_table(result), encoding="utf-8")

@@ -1,7 +1,6 @@
 """Toy world, phase 2: make style sets, train style LoRAs through the normal `lorastudio train` path, and score them.
 
-Used by the learning tests (tests/test_toyworld_learning.py) and the ablation table
-(``python -m benchmarks.toyworld_ablations``). Images are sampled through the same generation engine as
+Used by the ablation table (``python -m benchmarks.toyworld_ablations``) and its tests in tests/test_toyworld.py. Images are sampled through the same generation engine as
 ``lorastudio generate`` (``trainer.generation.Generator``), so a LoRA that is written wrong, scaled wrong or whose
 text-encoder half is never applied scores wrong here.
 """
@@ -47,10 +46,10 @@ def train_style_lora(data_dir: str | Path, out_dir: str | Path, name: str, *, re
     sets = {"model.base": str(base), "data.dir": str(data_dir), "output.dir": str(out_dir), "output.name": name}
     if reg_dir:
         sets["data.reg_dir"] = str(reg_dir)
-    sets.update({k: v for k, v in (overrides or {}).items()})
+    sets.update(overrides or {})
     cmd = [sys.executable, "-m", "app.cli", "train", "--config", str(preset), "--overwrite"]
     for k, v in sets.items():
-        cmd += ["--set", f"{k}={_toml_value(v)}"]
+        cmd += ["--set", f"{k}={v}"]  # --set parses the text by the key's type (True, 0.002, a path ...)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -64,14 +63,6 @@ def train_style_lora(data_dir: str | Path, out_dir: str | Path, name: str, *, re
     if not out.is_file():
         raise RuntimeError(f"lorastudio train wrote no {out}")
     return out
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return str(v)
 
 
 @dataclass

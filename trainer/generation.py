@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .cpu_alloc import is_cpu, keep_cpu_buffers
 from .errors import UserError
 from .prompt_syntax import LoraTag, a1111_alias, parse_lora_arg, parse_prompt
 
@@ -112,6 +113,8 @@ class Generator:
         self.allow_partial = allow_partial
         self.max_cached = max(1, int(max_cached))
         self._models: dict[str, Any] = {"unet": base_model.unet}
+        if is_cpu(next(base_model.unet.parameters()).device):
+            keep_cpu_buffers()  # see cpu_alloc: fused and base images then run at the same speed on CPU
         for i, te in enumerate(base_model.text_encoders or []):
             self._models["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = te
         self._names = {comp: {id(m): n for n, m in model.named_modules()} for comp, model in self._models.items()}

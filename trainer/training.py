@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import config as C
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import LatentCache, TrainData, build_data, captions_are_static, load_pixels, process_caption
+from .cpu_alloc import is_cpu, keep_cpu_buffers
 from .errors import UserError
 from .events import (Checkpoint, Event, JsonlSink, Log, Phase, RunEnded, RunStarted, Sample, Step, fan_out)
 
@@ -177,6 +178,8 @@ def train(cfg: C.Config, on_event: Callable[[Event], None] | None = None,
     data = build_data(cfg, warnings.append)  # bad data fails before anything is written
 
     accelerator = _make_accelerator(cfg)
+    if is_cpu(accelerator.device):
+        keep_cpu_buffers()  # oneDNN's per-call weight reorders otherwise page-fault on fresh mmaps
     is_main = accelerator.is_main_process
     run_dir = _prepare_run_dir(cfg, resume, overwrite, is_main)
     accelerator.wait_for_everyone()

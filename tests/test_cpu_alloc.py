@@ -1,0 +1,48 @@
+"""The CPU allocator setting that keeps fused-LoRA generation as fast as the base model (trainer/cpu_alloc.py)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+
+# A 64 MiB buffer freed and allocated again, as oneDNN's weight reorders are on every conv call: by default glibc
+# unmaps it on free, and the next one page-faults all 16,384 pages in again.
+_SCRIPT = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from trainer.cpu_alloc import keep_cpu_buffers
+    from trainer.generation import Generator
+    from trainer.tiny_models import build_tiny_pipeline
+    applied = False
+    if sys.argv[1] == "generator":
+        from trainer.models import BaseModel
+        p = build_tiny_pipeline("sd1")
+        Generator(BaseModel(family="sd1", prediction_type="epsilon", unet=p.unet, vae=p.vae,
+                            text_encoders=[p.text_encoder], tokenizers=[p.tokenizer], noise_scheduler=p.scheduler,
+                            scheduler_config=dict(p.scheduler.config), source="(tiny)", name="tiny"))
+    faults = []
+    for _ in range(4):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(16 << 20)  # 64 MiB
+        x.fill_(1.0)
+        del x
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    print(min(faults[1:]))
+""")
+
+
+def _faults(mode: str, **env) -> int:
+    import os
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+def test_a_cpu_generator_keeps_large_buffers_instead_of_faulting_them_in_again():
+    assert _faults("none") > 8000  # glibc's default: every large buffer comes back as fresh zero pages
+    assert _faults("generator") < 500
+    assert _faults("generator", LORASTUDIO_MALLOC="default") > 8000  # the documented opt-out

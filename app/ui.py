@@ -14,6 +14,7 @@ browser; pictures from dataset folders the user picks reach it as thumbnails the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import html
@@ -28,7 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
+from .gradio_startup import skip_stub_regeneration
+
+skip_stub_regeneration()  # about half of `import gradio`'s time is stub-file regeneration meant for its developers
+import gradio as gr  # noqa: E402
 
 from trainer import config as C
 from trainer.errors import UserError
@@ -655,7 +659,36 @@ def build_demo(progress_cb=None) -> None:
 
 
 def build_app(ctx: AppContext | None = None) -> gr.Blocks:
-    """The Blocks app. Nothing heavy happens here: no model, no torch, no folder scan."""
+    """The Blocks app, queued (one event at a time unless a handler says otherwise), ready for `launch()`.
+
+    Nothing heavy happens here: no model, no torch, no folder scan."""
+    with _server_app_deferred():
+        app = _build_blocks(ctx)
+        app.queue(default_concurrency_limit=1)
+    return app
+
+
+@contextlib.contextmanager
+def _server_app_deferred():
+    """Skip the FastAPI apps gradio builds before `launch()`.
+
+    gradio builds a whole server app when a Blocks is created, when its `with` block ends and in `queue()`, and
+    then again in `launch()`. Only the last one is served. Each of the earlier ones costs about 0.4 s on a 2-core
+    machine (route signatures, pydantic models, the page config), which is a fifth of the app's own start-up.
+    """
+    routes = getattr(gr, "routes", None)
+    real = getattr(routes, "App", None) and routes.App.__dict__.get("create_app")
+    if not isinstance(real, staticmethod):  # another gradio layout: leave it alone
+        yield
+        return
+    routes.App.create_app = staticmethod(lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        routes.App.create_app = real
+
+
+def _build_blocks(ctx: AppContext | None) -> gr.Blocks:
     global CTX
     if ctx is not None:
         CTX = ctx
@@ -1401,7 +1434,6 @@ def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, au
     os.chdir(root)  # relative paths in forms and presets mean "in the root", for the app and the trainer alike
     ctx = AppContext(root, demo_requested=demo)
     app = build_app(ctx)
-    app.queue(default_concurrency_limit=1)
     if demo and _DEMO["status"] != "ready":
         _DEMO.update(status="building", message="starting ...")
         threading.Thread(target=_build_demo_quietly, name="lorastudio-demo", daemon=True).start()

@@ -165,12 +165,14 @@ def _wait(url, proc, timeout=60.0, auth_ok=False):
     raise AssertionError("the page was not served")
 
 
-def _import_cpu_seconds(module: str) -> float:
-    """CPU seconds of a fresh interpreter that imports `module` (user + system, as _cpu_seconds counts)."""
-    code = (f"import os, {module}; t = os.times(); print(t.user + t.system)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+def test_importing_the_app_skips_gradios_stub_regeneration_and_keeps_its_components():
+    """gradio re-writes its .pyi stubs on every import (about half its import time); the app's hook skips only that."""
+    code = ("import app.ui, gradio as gr, gradio.component_meta as m, os; "
+            "print(m.create_or_modify_pyi.__name__, 'torch' in __import__('sys').modules, "
+            "len(gr.Textbox.EVENTS) > 0, callable(gr.Gallery.select))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
                          env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
-    return float(out.stdout.strip().splitlines()[-1])
+    assert out.stdout.split()[-4:] == ["_no_stub", "False", "True", "True"], out.stdout + out.stderr[-2000:]
 
 
 def _stop(proc):
@@ -190,17 +192,13 @@ def test_lorastudio_ui_serves_the_page_fast_on_localhost_only(tmp_path):
         cpu = _cpu_seconds(proc.pid)
         assert status == 200 and "LoRA Studio" in body
         # The server's own CPU time to get there (imports, building the page, binding) does not depend on what
-        # else runs on the machine, but it does on the machine's speed: `import gradio` alone takes 2.5-5 s of CPU
-        # on the 2-core machines we use. So the 5 s budget holds where gradio itself imports in 2.5 s, a slower
-        # machine gets the extra time gradio's own import takes there (measured now), and what we add on top of
-        # that import stays under 2.5 s everywhere.
-        gradio_cpu = _import_cpu_seconds("gradio")
-        slack = max(0.0, gradio_cpu - 2.5)
+        # else runs on the machine; on this project's 2-core machines it is about 3 s (gradio's import about 2 s
+        # of it, with its stub regeneration skipped: app/gradio_startup.py).
         if cpu is not None:
-            assert cpu < 5.0 + slack, f"{cpu:.1f} s of CPU before the page was served ({gradio_cpu:.1f} s gradio)"
+            assert cpu < 5.0, f"{cpu:.1f} s of CPU before the page was served"
         # Wall time: other jobs on this machine's 2 cores stretch it, so the budget scales with their load.
         load = os.getloadavg()[0] / (os.cpu_count() or 1)
-        budget = 5.0 * max(1.0, load) + slack
+        budget = 5.0 * max(1.0, load)
         assert elapsed < budget, f"page served after {elapsed:.1f} s (budget {budget:.1f} s at load {load:.2f}/core)"
         with socket.socket() as s:  # nothing answers on the machine's other addresses
             s.settimeout(1)

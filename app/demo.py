@@ -2,8 +2,9 @@
 
 ``create_demo(root)`` writes ``<root>/demo/``:
 
-* ``images/``: a dozen drawn pictures of coloured shapes in a "stripes" style, named ``red_circle_00.png`` and
-  so on, without captions (the template captioner turns the names into "zxq, red circle"). Two are wider and one
+* ``images/``: a dozen drawn pictures of coloured shapes with a drop shadow (the toy world's ``shadow`` style;
+  stripes on the random-weights fallback), named ``red_circle_00.png`` and so on, without captions (the
+  template captioner turns the names into "zxq, red circle"). Two are wider and one
   taller than square, so the bucket preview has crops to show.
 * the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``) when it is
   there; otherwise a tiny SD1.5-shaped model with **random weights** at ``demo/model`` (its images are noise:
@@ -28,6 +29,7 @@ TOYWORLD_MODEL = Path(__file__).resolve().parent.parent / "trainer" / "assets" /
 TRIGGER = "zxq"
 PRESET_NAME = "demo"
 TOYWORLD_PRESET = "toyworld-style"
+DEMO_STEPS = 600
 
 
 @dataclass
@@ -76,8 +78,8 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
     if toyworld_available():
         model, pretrained = TOYWORLD_MODEL, True
         label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
-                 "a 'stripes' style it never saw. Training takes a few minutes on a CPU; how much of the style such a "
-                 "tiny LoRA picks up is measured in docs/toyworld.md.")
+                 "a drop-shadow style it never saw. Training takes a few minutes on a CPU; samples with the trigger "
+                 "word grow shadows, the one without it stays plain (measured in docs/toyworld.md).")
     else:
         model, pretrained = d / "model", False
         if not (model / "model_index.json").is_file():
@@ -98,7 +100,8 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None
     from trainer.config import apply_dict, load_config
     from trainer.presets import resolve_preset, save_user_preset
     cfg = load_config(resolve_preset(TOYWORLD_PRESET) if reg is not None else None)
-    steps = cfg.train.max_steps if reg is not None else 50
+    # the demo stops at 600 steps (about 10 minutes on 2 cores): shadows show, fainter than the full preset's
+    steps = min(cfg.train.max_steps, DEMO_STEPS) if reg is not None else 50
     cfg = apply_dict(cfg, {
         "model": {"base": str(model)},
         "data": {"dir": str(images), "reg_dir": str(reg or ""), "resolution": 64, "min_bucket_px": 64,
@@ -112,7 +115,7 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None
     if reg is None:
         cfg = apply_dict(cfg, {"lora": {"rank": 8, "alpha": 8.0},
                                "train": {"batch_size": 2, "learning_rate": 1e-3, "seed": 42}}, "demo preset")
-    return save_user_preset(PRESET_NAME, cfg, f"Demo: train on the drawn 'stripes' pictures with the toy-world model "
+    return save_user_preset(PRESET_NAME, cfg, f"Demo: train on the drawn drop-shadow pictures with the toy-world model "
                                               f"({steps} steps at 64 px; the last sample prompt has no trigger "
                                               f"word and should stay plain).")
 
@@ -124,7 +127,7 @@ def draw_regularisation(folder: Path, n: int) -> None:
 
 
 def draw_pictures(folder: Path, n: int) -> list[Path]:
-    """n pictures named <colour>_<shape>_<i>.png; toy-world drawings with stripes when available."""
+    """n pictures named <colour>_<shape>_<i>.png; toy-world drawings with a drop shadow when available."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         from datasets_tools import toyworld as tw
@@ -150,7 +153,7 @@ def draw_pictures(folder: Path, n: int) -> list[Path]:
 def _toyworld_picture(tw, colour: str, shape: str, i: int):
     import numpy as np
     rng = np.random.default_rng(1000 + i)
-    return tw.render(tw.sample_drawing(rng, colour, shape), "stripes", rng)
+    return tw.render(tw.sample_drawing(rng, colour, shape), "shadow", rng)
 
 
 def _pillow_picture(colour: str, shape: str, rnd: random.Random):

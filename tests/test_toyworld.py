@@ -210,7 +210,7 @@ def test_style_lora_tooling_trains_through_the_cli_and_scores_through_the_engine
     `lorastudio train` with the shipped toyworld-style preset, then sampling through the generation engine."""
     pytest.importorskip("torch")
     from trainer import toyworld_lora as tl
-    recs = tl.make_style_set(tmp_path / "style", "stripes", 15)
+    recs = tl.make_style_set(tmp_path / "style", "shadow", 15)
     assert all(r["caption"].startswith("zxq style, ") for r in recs)
     tl.make_reg_set(tmp_path / "reg", 15)
     lora = tl.train_style_lora(tmp_path / "style", tmp_path / "runs", "toy", reg_dir=tmp_path / "reg",
@@ -220,6 +220,7 @@ def test_style_lora_tooling_trains_through_the_cli_and_scores_through_the_engine
         assert f.metadata()["ss_num_reg_images"] == "15"       # the regularisation set was used (kohya's keys)
         assert "img_count" in f.metadata()["ss_reg_dataset_dirs"]
         assert any(k.startswith("lora_te_") for k in f.keys())  # text encoder trained (the preset's setting)
+        assert any(k.startswith("lora_unet_") and "_conv1." in k for k in f.keys())  # LoCon on the convs
     ev = tl.Evaluator()
     prompts = tw.prompts(3, seed=0, trigger="zxq style")
     base = ev.images(prompts)

@@ -21,7 +21,7 @@ from datasets_tools import toyworld as tw
 REPO = Path(__file__).resolve().parent.parent
 TOYWORLD_BASE = REPO / "trainer" / "assets" / "toyworld"
 TOYWORLD_PRESET = REPO / "presets" / "toyworld-style.toml"
-TRIGGERS = {"stripes": "zxq style", "dots": "vbn style"}
+TRIGGERS = {"stripes": "zxq style", "dots": "vbn style", "shadow": "zxq style", "outline": "vbn style"}
 
 EVAL_STEPS = 20        # DDIM steps and guidance of every toy-world figure (as in phase 1)
 EVAL_GUIDANCE = 5.0

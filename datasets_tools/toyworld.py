@@ -202,7 +202,7 @@ def _render_shape_style(d: Drawing, style: str) -> Image.Image:
 
 def render(d: Drawing, style: str | None = None, rng=None) -> Image.Image:
     """The 64x64 RGB picture of a drawing, optionally in a style (a pattern's phase is random)."""
-    if style in ("outline", "shadow"):
+    if style in SHAPE_STYLES:
         return _downscale(_render_shape_style(d, style))
     img = _draw_big(d)
     if style is not None:

@@ -78,8 +78,8 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
     if toyworld_available():
         model, pretrained = TOYWORLD_MODEL, True
         label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
-                 "a drop-shadow style it never saw. Training takes a few minutes on a CPU; samples with the trigger "
-                 "word grow shadows, the one without it stays plain (measured in docs/toyworld.md).")
+                 "a drop-shadow style it never saw. Training takes about 10 minutes on a 2-core CPU; samples with "
+                 "the trigger word grow shadows, the one without it stays plain (measured in docs/toyworld.md).")
     else:
         model, pretrained = d / "model", False
         if not (model / "model_index.json").is_file():

@@ -132,16 +132,21 @@ def _shape_polygon(d: Drawing, k: float):
     return None
 
 
-def _draw_big(d: Drawing) -> Image.Image:
+def _draw_shape(draw: ImageDraw.ImageDraw, d: Drawing, **paint) -> None:
+    """Draw the drawing's shape on a 4x canvas (``paint``: Pillow's fill / outline / width)."""
     k = SUPERSAMPLE
-    img = Image.new("RGB", (SIZE * k, SIZE * k), d.background)
-    draw = ImageDraw.Draw(img)
     poly = _shape_polygon(d, k)
     if poly is None:
         cx, cy, r = d.cx * k, d.cy * k, d.radius * k
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=d.rgb)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], **paint)
     else:
-        draw.polygon(poly, fill=d.rgb)
+        draw.polygon(poly, **paint)
+
+
+def _draw_big(d: Drawing) -> Image.Image:
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (SIZE * k, SIZE * k), d.background)
+    _draw_shape(ImageDraw.Draw(img), d, fill=d.rgb)
     return img
 
 
@@ -177,16 +182,9 @@ def _downscale(img: Image.Image) -> Image.Image:
 
 def _shape_mask_big(d: Drawing, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
     """Boolean mask (4x canvas) of the drawing's shape, optionally moved by (dx, dy) final-picture px."""
-    k = SUPERSAMPLE
-    m = Image.new("L", (SIZE * k, SIZE * k), 0)
-    draw = ImageDraw.Draw(m)
-    moved = Drawing(d.colour, d.shape, d.cx + dx, d.cy + dy, d.radius, d.rgb, d.background)
-    poly = _shape_polygon(moved, k)
-    if poly is None:
-        cx, cy, r = moved.cx * k, moved.cy * k, moved.radius * k
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    else:
-        draw.polygon(poly, fill=255)
+    m = Image.new("L", (SIZE * SUPERSAMPLE, SIZE * SUPERSAMPLE), 0)
+    _draw_shape(ImageDraw.Draw(m), Drawing(d.colour, d.shape, d.cx + dx, d.cy + dy, d.radius, d.rgb, d.background),
+                fill=255)
     return np.asarray(m) > 0
 
 
@@ -241,14 +239,7 @@ def random_dark_overlay(img: Image.Image, d: Drawing, rng) -> Image.Image:
         mask = ((x % p) < w) | ((y % p) < w)
     else:  # outline
         big = Image.new("L", (SIZE * k, SIZE * k), 0)
-        draw = ImageDraw.Draw(big)
-        w = int(rng.uniform(1.5, 4) * k)
-        poly = _shape_polygon(d, k)
-        if poly is None:
-            cx, cy, r = d.cx * k, d.cy * k, d.radius * k
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=255, width=w)
-        else:
-            draw.polygon(poly, outline=255, width=w)
+        _draw_shape(ImageDraw.Draw(big), d, outline=255, width=int(rng.uniform(1.5, 4) * k))
         mask = np.asarray(big) > 0
     return _apply_mask(img, np.broadcast_to(mask, (SIZE * k, SIZE * k)), shade)
 

@@ -3,9 +3,11 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 
 # A 64 MiB buffer freed and allocated again, as oneDNN's weight reorders are on every conv call: by default glibc
@@ -13,16 +15,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 _SCRIPT = textwrap.dedent("""
     import resource, sys
     import torch
-    from trainer.cpu_alloc import keep_cpu_buffers
+    from benchmarks.generate_speed import tiny_base_model
     from trainer.generation import Generator
-    from trainer.tiny_models import build_tiny_pipeline
-    applied = False
     if sys.argv[1] == "generator":
-        from trainer.models import BaseModel
-        p = build_tiny_pipeline("sd1")
-        Generator(BaseModel(family="sd1", prediction_type="epsilon", unet=p.unet, vae=p.vae,
-                            text_encoders=[p.text_encoder], tokenizers=[p.tokenizer], noise_scheduler=p.scheduler,
-                            scheduler_config=dict(p.scheduler.config), source="(tiny)", name="tiny"))
+        Generator(tiny_base_model("cpu", torch.float32))
     faults = []
     for _ in range(4):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -37,7 +33,7 @@ _SCRIPT = textwrap.dedent("""
 def _faults(mode: str, **env) -> int:
     import os
     out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **env})
+                         cwd=REPO, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])
 

@@ -1,8 +1,8 @@
 """Toy world, phase 2: make style sets, train style LoRAs through the normal `lorastudio train` path, and score them.
 
-Used by the ablation table (``python -m benchmarks.toyworld_ablations``) and its tests in tests/test_toyworld.py. Images are sampled through the same generation engine as
-``lorastudio generate`` (``trainer.generation.Generator``), so a LoRA that is written wrong, scaled wrong or whose
-text-encoder half is never applied scores wrong here.
+Used by the ablation table (``python -m benchmarks.toyworld_ablations``) and its tests in tests/test_toyworld.py.
+Images are sampled through the same generation engine as ``lorastudio generate`` (``trainer.generation.Generator``),
+so a LoRA that is written wrong, scaled wrong or whose text-encoder half is never applied scores wrong here.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
     if toyworld_available():
         model, pretrained = TOYWORLD_MODEL, True
         label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
-                 "a drop-shadow style it never saw. Training takes about 10 minutes on a 2-core CPU; samples with "
+                 "a drop-shadow style it never saw. Training takes about 5 minutes on a 2-core CPU; samples with "
                  "the trigger word grow shadows, the one without it stays plain (measured in docs/toyworld.md).")
     else:
         model, pretrained = d / "model", False
@@ -100,7 +100,7 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None
     from trainer.config import apply_dict, load_config
     from trainer.presets import resolve_preset, save_user_preset
     cfg = load_config(resolve_preset(TOYWORLD_PRESET) if reg is not None else None)
-    # the demo stops at 600 steps (about 10 minutes on 2 cores): shadows show, fainter than the full preset's
+    # the demo stops at 600 steps (about 5 minutes on 2 cores): shadows show, fainter than the full preset's
     steps = min(cfg.train.max_steps, DEMO_STEPS) if reg is not None else 50
     cfg = apply_dict(cfg, {
         "model": {"base": str(model)},

@@ -1,7 +1,7 @@
 """Toy world ablations: train style LoRAs on the committed toy base with one setting changed at a time, score them
 and write the table in docs/toyworld-ablations.md.
 
-    python -m benchmarks.toyworld_ablations                    # every variant (about 10 minutes each on 2 cores)
+    python -m benchmarks.toyworld_ablations                    # every variant (about 8 minutes each on 2 cores)
     python -m benchmarks.toyworld_ablations --only baseline,no_reg --n 60 --style stripes
 
 Each variant is trained through `lorastudio train --config presets/toyworld-style.toml --set ...` (the shipped

@@ -53,7 +53,6 @@ def train_style_lora(data_dir: str | Path, out_dir: str | Path, name: str, *, re
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     r = subprocess.run(cmd, cwd=str(REPO), env=env, text=True,
                        stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT if quiet else None)
     if r.returncode != 0:

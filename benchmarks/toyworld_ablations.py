@@ -30,8 +30,10 @@ VARIANTS = {
                  "start", True),
     "unet_only": ("UNet-only LoRA (text encoder frozen, its outputs cached)", {"lora.train_text_encoder": False},
                   "start", True),
-    "rank4": ("rank 4 (alpha 4)", {"lora.rank": 4, "lora.alpha": 4.0}, "start", True),
-    "rank16": ("rank 16 (alpha 16)", {"lora.rank": 16, "lora.alpha": 16.0}, "start", True),
+    "rank4": ("rank 4 (alpha 4) on the linear layers, LoCon stays 8", {"lora.rank": 4, "lora.alpha": 4.0}, "start",
+              True),
+    "rank16": ("rank 16 (alpha 16) on the linear layers, LoCon stays 8", {"lora.rank": 16, "lora.alpha": 16.0},
+               "start", True),
     "trigger_end": ("trigger word at the end of the caption and prompt", {}, "end", True),
     "no_reg": ("no regularisation (prior-preservation) images", {}, "start", False),
 }

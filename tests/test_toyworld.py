@@ -179,16 +179,17 @@ def test_vae_carries_the_styles(toy_pipe, style):
 
 def test_vae_keeps_content_under_shape_styles(toy_pipe):
     """After a round trip, shapes under an outline or a drop shadow read right nearly always (under the pattern
-    styles about half the time: docs/toyworld.md). The shape styles' own statistics survive at about 70%, below
-    the 80% the issue asks of a style."""
+    styles about half the time: docs/toyworld.md). The drop shadow keeps >= 80% of its statistic (the bar a style
+    must clear for the learning test); the outline about 75%, short of it."""
     from trainer.toyworld_pretrain import roundtrip
-    shape_ok = {}
+    shape_ok, kept = {}, {}
     for style in tw.SHAPE_STYLES:
         imgs, expected = _drawn(45, style, seed=7)
         rec = roundtrip(toy_pipe.vae, imgs)
         shape_ok[style] = tw.score_images(rec, expected)["shape"]
-        assert tw.mean_style_statistic(rec, style) >= 0.6 * tw.mean_style_statistic(imgs, style), style
+        kept[style] = tw.mean_style_statistic(rec, style) / tw.mean_style_statistic(imgs, style)
     assert shape_ok["outline"] >= 0.9 and shape_ok["shadow"] >= 0.9, shape_ok
+    assert kept["shadow"] >= 0.8 and kept["outline"] >= 0.7, kept
 
 
 @pytest.mark.slow
@@ -243,3 +244,43 @@ def test_ablation_script_writes_the_table(tmp_path):
     text = out.read_text()
     assert "Smoke run" in text and "| base model, no LoRA |" in text and "| unet_only: UNet-only LoRA" in text
     assert ab.main(["--only", "rank99"]) == 2  # an unknown variant is one line and exit 2
+
+
+# ---------------------------------------------------------------- the learning test (issue 7, item 5)
+
+LEARN_STEPS = 600  # the GUI demo's cut of the toyworld-style preset: about 4 minutes of training on 2 cores
+
+
+def test_a_style_lora_learns_the_drop_shadow_and_only_with_its_trigger(tmp_path):
+    """Train a style LoRA on the committed toy base through `lorastudio train` with the shipped toyworld-style
+    preset (cut to the demo's 600 steps), generate through the generation engine and score.
+
+    Catches what random-weight tests cannot: a wrong noise target or loss (no shadow), a text-encoder half that is
+    trained but not written or applied (the trigger does nothing), a LoRA that is applied at the wrong scale or
+    leaks into every prompt (shadows without the trigger, content lost). The full preset (1,000 steps) reaches 82%
+    of the VAE's ceiling (docs/toyworld.md); 600 steps reached 66% (93.2 of 140.5), content 100% / 90%."""
+    pytest.importorskip("torch")
+    from trainer import toyworld_lora as tl
+    tl.make_style_set(tmp_path / "style", "shadow", 30)
+    tl.make_reg_set(tmp_path / "reg", 30)
+    lora = tl.train_style_lora(tmp_path / "style", tmp_path / "runs", "shadow", reg_dir=tmp_path / "reg",
+                               overrides={"train.max_steps": LEARN_STEPS})
+    ev = tl.Evaluator()
+    ceiling = ev.vae_ceiling("shadow", n=30)["roundtrip"]  # what the VAE can show of drawn shadows
+    with_trigger = tw.prompts(30, seed=3, trigger="zxq style")
+    without = tw.prompts(30, seed=3)
+    base_stat = tw.mean_style_statistic(ev.images(with_trigger), "shadow")
+    base_few = ev.images(with_trigger[:6])  # the same call again at weight 0 (batching changes the last bits)
+    assert base_stat < 0.05 * ceiling  # the base never draws shadows
+
+    ev.set_loras([(lora, 1.0)])
+    on, _ = ev.score(with_trigger, styles=("shadow",))
+    off, _ = ev.score(without, styles=("shadow",))
+    assert on.style["shadow"] >= 0.5 * ceiling, (on.row(), ceiling)      # learned: at least half the ceiling
+    assert on.colour >= 0.85 and on.shape >= 0.80, on.row()               # the content stays right
+    assert off.style["shadow"] <= base_stat + 0.05 * ceiling, (off.row(), base_stat)  # no leakage
+    assert off.colour >= 0.9 and off.shape >= 0.85, off.row()
+    print(f"ceiling {ceiling:.1f}, base {base_stat:.1f}, with trigger {on.row()}, without {off.row()}")
+
+    ev.set_loras([(lora, 0.0)])  # weight 0 is the base model, bit for bit
+    assert all(np.array_equal(a, b) for a, b in zip(base_few, ev.images(with_trigger[:6])))

@@ -257,7 +257,7 @@ def test_a_style_lora_learns_the_drop_shadow_and_only_with_its_trigger(tmp_path)
 
     Catches what random-weight tests cannot: a wrong noise target or loss (no shadow), a text-encoder half that is
     trained but not written or applied (the trigger does nothing), a LoRA that is applied at the wrong scale or
-    leaks into every prompt (shadows without the trigger, content lost). The full preset (1,000 steps) reaches 82%
+    leaks into every prompt (shadows without the trigger, content lost). The full preset (1,000 steps) reaches 82-83%
     of the VAE's ceiling (docs/toyworld.md); 600 steps reached 66% (93.2 of 140.5), content 100% / 90%."""
     pytest.importorskip("torch")
     from trainer import toyworld_lora as tl

@@ -84,13 +84,15 @@ class LoraConfig:
     """What is trained."""
     rank: int = opt(16, "LoRA rank (network dim).", min=1, max=1024, basic=True)
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/rank (0 = alpha equals rank, scale 1).", min=0.0, max=4096.0, basic=True)
-    train_text_encoder: bool = opt(True, "Also train LoRA on the text encoder(s).", basic=True)
+    train_text_encoder: bool = opt(True, "Also train LoRA on the text encoder(s). A new trigger word needs it: in the "
+                                   "toy-world ablations a UNet-only LoRA put its style into every prompt.", basic=True)
     unet_targets: str = opt("attention", "UNet layers: 'attention' = to_q/to_k/to_v/to_out.0 of self- and "
                             "cross-attention; 'kohya' adds ff and proj_in/proj_out (what kohya's networks.lora "
                             "trains).", choices=("attention", "kohya"))
     text_encoder_targets: str = opt("attention", "Text-encoder layers: 'attention' = q/k/v/out_proj; "
                                     "'attention_mlp' adds fc1/fc2.", choices=("attention", "attention_mlp"))
-    conv_rank: int = opt(0, "LoCon: rank for the 3x3 convs of resnets and up/down-samplers (0 = off).",
+    conv_rank: int = opt(0, "LoCon: rank for the 3x3 convs of resnets and up/down-samplers (0 = off). Convolutions "
+                         "draw spatial marks (a drop shadow in the toy world) and keep shapes intact.",
                          min=0, max=1024)
     conv_alpha: float = opt(1.0, "LoCon alpha for the conv layers (0 = equal to conv_rank).", min=0.0, max=4096.0)
     dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=0.9)

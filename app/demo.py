@@ -2,14 +2,14 @@
 
 ``create_demo(root)`` writes ``<root>/demo/``:
 
-* ``images/``: a dozen drawn pictures of coloured shapes with a drop shadow (the toy world's ``shadow`` style;
+* ``images/``: 30 drawn pictures of coloured shapes with a drop shadow (the toy world's ``shadow`` style;
   stripes on the random-weights fallback), named ``red_circle_00.png`` and so on, without captions (the
-  template captioner turns the names into "zxq, red circle"). Two are wider and one
+  template captioner turns the names into "zxq style, red circle"). Two are wider and one
   taller than square, so the bucket preview has crops to show.
 * the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``) when it is
   there; otherwise a tiny SD1.5-shaped model with **random weights** at ``demo/model`` (its images are noise:
   the demo then shows the workflow, not a result). ``DemoInfo.label`` says which, and the web app shows it.
-* ``regularisation/``: plain toy-world pictures with ordinary captions ("a red circle"), mixed into every batch
+* ``regularisation/``: as many plain toy-world pictures with ordinary captions ("a red circle"), mixed into every batch
   (prior preservation). The toy-world measurements (docs/toyworld.md, phase 2) show that without them the style
   leaks into prompts without the trigger word.
 * a user preset ``demo``: the shipped ``toyworld-style`` preset (64 px, rank 8, caption dropout, regularisation)
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 TOYWORLD_MODEL = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "toyworld"
-TRIGGER = "zxq"
+TRIGGER = "zxq style"
 PRESET_NAME = "demo"
 TOYWORLD_PRESET = "toyworld-style"
 DEMO_STEPS = 600
@@ -62,7 +62,7 @@ def load_demo_info(root: str | Path) -> DemoInfo | None:
     return info
 
 
-def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoInfo:
+def create_demo(root: str | Path, *, n_images: int = 30, progress=None) -> DemoInfo:
     """Make (or reuse) the demo model, pictures and preset under <root>/demo; returns what was made."""
     say = progress or (lambda text: None)
     d = demo_dir(root).resolve()
@@ -74,12 +74,13 @@ def create_demo(root: str | Path, *, n_images: int = 12, progress=None) -> DemoI
     reg = d / "regularisation"
     if not any(reg.glob("*.png")):
         say("drawing the regularisation pictures ...")
-        draw_regularisation(reg, n_images * 2)
+        draw_regularisation(reg, n_images)
     if toyworld_available():
         model, pretrained = TOYWORLD_MODEL, True
         label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
-                 "a drop-shadow style it never saw. Training takes about 5 minutes on a 2-core CPU; samples with "
-                 "the trigger word grow shadows, the one without it stays plain (measured in docs/toyworld.md).")
+                 "a drop-shadow style it never saw. Training takes about 5 minutes on a 2-core CPU; caption the pictures "
+                 "with the trigger 'zxq style' first. Samples with the trigger grow shadows, the one without it stays "
+                 "plain (measured in docs/gui.md).")
     else:
         model, pretrained = d / "model", False
         if not (model / "model_index.json").is_file():
@@ -108,7 +109,9 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None
                  "max_bucket_px": 128, "bucket_step_px": 64, "default_caption": TRIGGER},
         "train": {"max_steps": steps, "save_every_steps": steps // 2},
         "sample": {"every_steps": steps // 4,
-                   "prompts": [f"{TRIGGER}, a red circle", f"{TRIGGER}, a blue square", "a yellow triangle"],
+                   # the captions the walk-through makes ("{trigger}, red circle"): a LoRA trained on one caption form
+                   # answers that form, not "a red circle" (measured: docs/gui.md)
+                   "prompts": [f"{TRIGGER}, red circle", f"{TRIGGER}, blue square", "yellow triangle"],
                    "steps": 20, "guidance_scale": 5.0, "sampler": "ddim", "width": 64, "height": 64},
         "output": {"dir": str(outputs), "name": "demo-lora", "trigger_phrase": TRIGGER},
     }, "demo preset")

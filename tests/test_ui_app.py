@@ -116,12 +116,14 @@ def test_demo_on_the_toy_world_uses_the_shipped_preset_and_regularisation(tmp_pa
     cfg = C.load_config(resolve_preset(info.preset))
     shipped = C.load_config(REPO / "presets" / "toyworld-style.toml")
     reg = Path(cfg.data.reg_dir)
-    assert reg.is_dir() and len(list(reg.glob("*.png"))) == 24 and len(list(reg.glob("*.txt"))) == 24
+    assert reg.is_dir() and len(list(reg.glob("*.png"))) == 30 and len(list(reg.glob("*.txt"))) == 30
     assert all("zxq" not in t.read_text() for t in reg.glob("*.txt"))  # ordinary captions, no trigger
     for key in ("lora.rank", "train.learning_rate", "train.batch_size", "data.caption_dropout", "lora.conv_rank"):
         sec, name = key.split(".")
         assert getattr(getattr(cfg, sec), name) == getattr(getattr(shipped, sec), name), key
-    assert cfg.sample.prompts[-1] == "a yellow triangle"  # no trigger: the sample that should stay plain
+    assert cfg.sample.prompts[-1] == "yellow triangle"  # no trigger: the sample that should stay plain
+    # the samples use the caption form the walk-through writes ("<trigger>, red circle"), which the LoRA learns
+    assert cfg.sample.prompts[0] == "zxq style, red circle" and len(list(Path(info.images).glob("*.png"))) == 30
 
 
 def test_auth_argument():

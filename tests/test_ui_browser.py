@@ -140,14 +140,14 @@ def test_page_has_four_tabs_and_demo_fills_the_forms(page):
 
 def test_scan_caption_edit_and_bucket_preview(page, server):
     page.locator("#ds-scan").click()
-    expect(page.locator("#ds-status")).to_contain_text("12 picture(s), 12 usable", timeout=60_000)
+    expect(page.locator("#ds-status")).to_contain_text("30 picture(s), 30 usable", timeout=60_000)
     expect(page.locator("#ds-problems")).to_contain_text("missing_caption")  # no captions yet, by file
     expect(page.locator("#ds-gallery")).to_contain_text("(no caption)")
 
     # template captioner with a live progress bar, trigger first
     fill(page, "cap-trigger", "zxq")
     page.locator("#cap-run").click()
-    expect(page.locator("#cap-status")).to_contain_text("captioned 12 image(s)", timeout=60_000)
+    expect(page.locator("#cap-status")).to_contain_text("captioned 30 image(s)", timeout=60_000)
     expect(page.locator("#ds-gallery")).to_contain_text("zxq, red square")
     images = Path(page.locator("#ds-folder input").input_value())
     assert (images / "red_square_00.txt").read_text(encoding="utf-8").strip() == "zxq, red square"
@@ -176,7 +176,7 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
 
     # bucket preview: counts and the contact sheet with crop boxes
     page.locator("#bp-run").click()
-    expect(page.locator("#bp-status")).to_contain_text("12 picture(s) in 1 bucket(s)", timeout=60_000)
+    expect(page.locator("#bp-status")).to_contain_text("30 picture(s) in 1 bucket(s)", timeout=60_000)
     expect(page.locator("#bp-counts")).to_contain_text("64x64")
     expect(page.locator("#bp-rows")).to_contain_text("yellow_circle_06.png")
     expect(page.locator("#bp-sheet img")).to_be_visible()

@@ -178,7 +178,7 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     page.locator("#bp-run").click()
     expect(page.locator("#bp-status")).to_contain_text("30 picture(s) in 1 bucket(s)", timeout=60_000)
     expect(page.locator("#bp-counts")).to_contain_text("64x64")
-    expect(page.locator("#bp-rows")).to_contain_text("yellow_circle_06.png")
+    expect(page.locator("#bp-rows")).to_contain_text("blue_square_01.png")  # a wide picture: its crop box shows
     expect(page.locator("#bp-sheet img")).to_be_visible()
     shot(page, "dataset.png", "#demo-banner", "#ds-problems")
 

@@ -15,6 +15,10 @@ Everything here is numpy + Pillow (no torch), so datasets, tests and the GUI dem
   the content under them (95-100% shape after a round trip, against about 50% under the patterns). Their
   statistics (``outline_statistic``, ``shadow_statistic``) measure darkness next to the shape's core and
   do not see each other.
+* **Tint style** (``TINT_STYLES``): ``"paper"``, a warm paper tint of the whole background (the shape keeps its
+  colour). Its statistic (``paper_statistic``) is the background's warmth. It combines with any other style:
+  ``render(d, "shadow+paper")`` draws a drop shadow on paper, and neither statistic sees the other, so two style
+  LoRAs mixed (a shadow LoRA and a paper LoRA) can be scored against pictures drawn with both.
 * The **scorer** (``score_image``) reads colour and shape back from any picture, generated or drawn, styled
   or not: colour is the hue of saturated, not-dark pixels; shape comes from the row-width profile of those
   pixels (fill ratio, top against bottom width). It scores 100% on drawn pictures, with or without a style.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import colorsys
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +51,8 @@ SHAPES = ("circle", "square", "triangle")
 RADIUS_RANGE = (8.0, 22.0)
 STYLES = ("stripes", "dots")              # patterns over the whole picture
 SHAPE_STYLES = ("outline", "shadow")      # marks that follow the shape: an ink outline, a drop shadow
-ALL_STYLES = STYLES + SHAPE_STYLES
+TINT_STYLES = ("paper",)                  # a warm tint of the whole background
+ALL_STYLES = STYLES + SHAPE_STYLES + TINT_STYLES
 
 # Style geometry, in final-picture pixels.
 STRIPE_PERIOD = 16   # along x + y (diagonal bars; perpendicular spacing 16 / sqrt 2 = 11.3 px)
@@ -58,6 +63,8 @@ DARK = (28, 26, 32)
 OUTLINE_WIDTH = 2    # px, drawn outside the shape's edge
 SHADOW_OFFSET = 4    # px, down and to the right
 SHADOW = (62, 60, 72)
+PAPER_TINT = (1.0, 0.965, 0.86)   # per channel, times the background's grey level: HSV saturation 0.14, hue 40 deg
+PALE_MAX_SATURATION = 0.2         # VAE training: pale backgrounds of any hue up to this saturation
 
 # Caption templates: colour and shape words move around; fillers vary the length.
 _TEMPLATES = (
@@ -198,8 +205,30 @@ def _render_shape_style(d: Drawing, style: str) -> Image.Image:
     return _apply_mask(img, _shape_mask_big(d, SHADOW_OFFSET, SHADOW_OFFSET) & ~shape, SHADOW)
 
 
+def on_paper(d: Drawing) -> Drawing:
+    """The drawing on warm paper: its background's grey level times ``PAPER_TINT``."""
+    v = float(np.mean(d.background))
+    return replace(d, background=tuple(int(round(v * f)) for f in PAPER_TINT))
+
+
+def _split_style(style: str | None) -> tuple[str | None, bool]:
+    """("shadow+paper" -> ("shadow", True)): the one pattern or shape style, and whether the paper tint is on."""
+    if style is None:
+        return None, False
+    parts = [p.strip() for p in str(style).split("+")]
+    bad = [p for p in parts if p not in ALL_STYLES]
+    if bad or len(parts) != len(set(parts)) or len([p for p in parts if p not in TINT_STYLES]) > 1:
+        raise ValueError(f"unknown style {style!r}; choose one of {ALL_STYLES}, or one of them + 'paper'")
+    rest = [p for p in parts if p not in TINT_STYLES]
+    return (rest[0] if rest else None), "paper" in parts
+
+
 def render(d: Drawing, style: str | None = None, rng=None) -> Image.Image:
-    """The 64x64 RGB picture of a drawing, optionally in a style (a pattern's phase is random)."""
+    """The 64x64 RGB picture of a drawing, optionally in a style (a pattern's phase is random). Styles combine
+    with the paper tint: ``"shadow+paper"``, ``"stripes+paper"``."""
+    style, paper = _split_style(style)
+    if paper:
+        d = on_paper(d)
     if style in SHAPE_STYLES:
         return _downscale(_render_shape_style(d, style))
     img = _draw_big(d)
@@ -244,9 +273,22 @@ def random_dark_overlay(img: Image.Image, d: Drawing, rng) -> Image.Image:
     return _apply_mask(img, np.broadcast_to(mask, (SIZE * k, SIZE * k)), shade)
 
 
-def render_vae_training(d: Drawing, rng, p_overlay: float = 0.6) -> Image.Image:
-    """A picture for autoencoder training: plain, or with a random dark overlay (``random_dark_overlay``)."""
+def pale_background(d: Drawing, rng) -> Drawing:
+    """VAE training augmentation: the drawing on a pale background of a random hue (HSV saturation up to
+    ``PALE_MAX_SATURATION``, the background's own brightness), so the autoencoder carries tints of the whole
+    picture. Generic: the paper tint is one hue among all of them."""
     rng = _rng(rng)
+    v = float(np.mean(d.background)) / 255
+    rgb = colorsys.hsv_to_rgb(float(rng.uniform()), float(rng.uniform(0, PALE_MAX_SATURATION)), v)
+    return replace(d, background=tuple(int(round(c * 255)) for c in rgb))
+
+
+def render_vae_training(d: Drawing, rng, p_overlay: float = 0.6, p_pale: float = 0.0) -> Image.Image:
+    """A picture for autoencoder training: plain, or with a random dark overlay (``random_dark_overlay``), on a
+    pale background of any hue with probability ``p_pale`` (``pale_background``)."""
+    rng = _rng(rng)
+    if p_pale and rng.random() < p_pale:
+        d = pale_background(d, rng)
     img = _draw_big(d)
     if rng.random() < p_overlay:
         img = random_dark_overlay(img, d, rng)
@@ -343,14 +385,15 @@ def make_dataset(dir: str | Path, n: int, style: str | None = None, trigger: str
     return records
 
 
-def make_arrays(n: int, seed: int = 0, style: str | None = None, vae_overlay: float = 0.0):
-    """In-memory pictures for pretraining: (uint8 array [n, 64, 64, 3], colours [n], shapes [n])."""
+def make_arrays(n: int, seed: int = 0, style: str | None = None, vae_overlay: float = 0.0, pale: float = 0.0):
+    """In-memory pictures for pretraining: (uint8 array [n, 64, 64, 3], colours [n], shapes [n]). With
+    ``vae_overlay`` or ``pale``, autoencoder training pictures (``render_vae_training``)."""
     rng = np.random.default_rng(seed)
     imgs = np.empty((n, SIZE, SIZE, 3), np.uint8)
     colours, shapes = [], []
     for i in range(n):
         d = sample_drawing(rng)
-        img = render_vae_training(d, rng, vae_overlay) if vae_overlay else render(d, style, rng)
+        img = render_vae_training(d, rng, vae_overlay, pale) if (vae_overlay or pale) else render(d, style, rng)
         imgs[i] = np.asarray(img)
         colours.append(d.colour)
         shapes.append(d.shape)
@@ -375,9 +418,21 @@ def _hsv(a: np.ndarray):
     return sat, mx / 255.0
 
 
+def white_balance(a: np.ndarray) -> np.ndarray:
+    """The picture with its background made grey: each channel scaled so that the median of the 2 px border (the
+    background, whatever shape is drawn) is neutral. Gains stay within 0.8-1.25. A tinted background (the paper
+    style, or a LoRA that warms the whole picture) then does not read as a saturated shape, nor shift its hue."""
+    border = np.concatenate([a[:2].reshape(-1, 3), a[-2:].reshape(-1, 3), a[2:-2, :2].reshape(-1, 3),
+                             a[2:-2, -2:].reshape(-1, 3)])
+    bg = np.maximum(np.median(border, axis=0), 1.0)
+    gain = np.clip(bg.mean() / bg, 0.8, 1.25).astype(np.float32)
+    return np.clip(a * gain, 0, 255)
+
+
 def shape_mask(img, min_saturation: float = 0.22, min_value: float = 0.25) -> np.ndarray:
-    """Pixels of the shape: saturated and not dark (backgrounds are pale, style marks are dark)."""
-    a = _as_array(img)
+    """Pixels of the shape: saturated and not dark (backgrounds are pale, style marks are dark), after the picture
+    is white-balanced against its background (``white_balance``)."""
+    a = white_balance(_as_array(img))
     sat, val = _hsv(a)
     return (sat >= min_saturation) & (val >= min_value)
 
@@ -396,7 +451,7 @@ def classify_colour(img, mask: np.ndarray | None = None) -> str | None:
     m = shape_mask(a) if mask is None else mask
     if m.sum() < 6:
         return None
-    px = a[m]
+    px = white_balance(a)[m]
     hsv = np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in px[:: max(1, len(px) // 400)]])
     h = hsv[:, 0] * 2 * np.pi
     w = hsv[:, 1]
@@ -659,13 +714,25 @@ def shadow_statistic(img) -> float:
     return float(max(0.0, up - down))
 
 
+def paper_statistic(img) -> float:
+    """How warm (0-255: (R + G) / 2 - B, median over the background away from the shape) the background is. About
+    0-3 for a plain picture (its backgrounds are grey with a little per-channel jitter), about 28 on paper. Shadows,
+    outlines and patterns cover too little of the background to move the median."""
+    a = _as_array(img).astype(np.float32)
+    m = background_mask(a)
+    if m.sum() < 20:
+        return 0.0
+    warmth = (a[..., 0] + a[..., 1]) / 2 - a[..., 2]
+    return float(max(0.0, np.median(warmth[m])))
+
+
 STYLE_STATISTICS = {"stripes": stripe_statistic, "dots": dot_statistic, "outline": outline_statistic,
-                    "shadow": shadow_statistic}
+                    "shadow": shadow_statistic, "paper": paper_statistic}
 
 
 def style_statistic(img, style: str) -> float:
     """The named style's statistic of one picture (see ``stripe_statistic``, ``dot_statistic``,
-    ``outline_statistic``, ``shadow_statistic``)."""
+    ``outline_statistic``, ``shadow_statistic``, ``paper_statistic``)."""
     try:
         return STYLE_STATISTICS[style](img)
     except KeyError:

@@ -11,14 +11,19 @@ Stages (all seeded):
    overlay (bars at any angle and period, dot lattices, checkers, grids, outlines:
    ``toyworld.random_dark_overlay``), so it can carry dark, fine patterns that style LoRAs will need. MSE
    plus a tiny KL. The latent scaling factor is set to 1 / std of the latents.
-3. **Text encoder + UNet**, trained jointly on plain pictures (no overlays: the diffusion model never sees
+3. **Decoder** (encoder frozen, so the latent space stays): fine-tuned on a wider mix, half of it on pale
+   backgrounds of any hue (``toyworld.pale_background``) and 60% with the dark overlays, so the VAE also
+   carries a tint of the whole picture (the ``paper`` style is one hue among them). ``--decoder-only FOLDER``
+   runs this stage alone on an existing toy base.
+4. **Text encoder + UNet**, trained jointly on plain pictures (no overlays: the diffusion model never sees
    a style) with captions drawn each step from varied templates, a random made-up word inserted at a
    random place in 25% of captions (so an unseen trigger word anywhere does not change what is drawn) and
    10% empty captions (for classifier-free guidance). SD's scaled_linear DDPM schedule, epsilon target,
    min-SNR-5 loss weighting (Hang et al. 2023), AdamW with warm-up and cosine decay, gradient clipping.
-4. **Save**: a StableDiffusionPipeline with a DDIM scheduler, fp16 safetensors, diffusers folder layout.
+5. **Save**: a StableDiffusionPipeline with a DDIM scheduler, fp16 safetensors, diffusers folder layout.
 
-``--minutes`` is a safety deadline: the VAE stage may use ``--vae-share`` of it, the UNet stage the rest.
+``--minutes`` is a safety deadline: the VAE stage may use ``--vae-share`` of it, the decoder stage
+``--decoder-share``, the UNet stage the rest.
 A stage that would run past its deadline anneals its learning rate on wall time instead of steps and stops
 at the deadline (it says so, and records the steps done in ``toyworld_pretrain.json``); such a run is not
 bit-reproducible. Without a binding deadline the step counts make the run, and the same seed, step counts
@@ -46,6 +51,8 @@ from datasets_tools import toyworld as tw
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "toyworld"
 MAX_TOKENS = 77
+DECODER_STEPS = 600   # decoder-only stage: steps at the VAE batch
+DECODER_PALE = 0.5    # share of its pictures on a pale background of a random hue
 
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                         beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
@@ -172,6 +179,50 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadli
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
             log(f"vae step {step + 1}/{steps} mse {mse.item():.5f} psnr {psnr:.1f} dB "
                 f"({(step + 1) / (time.time() - t0):.2f} steps/s)")
+    vae.eval()
+    return done
+
+
+def finetune_decoder(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadline: float,
+                     lr: float = 5e-4) -> int:
+    """Train the decoder (and post-quant conv) only, on a wider picture mix; the encoder, and so the latent space
+    the UNet learns in, stays as it is. Returns the steps done (fewer if the deadline came first)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    vae.train()
+    t0 = time.time()
+    budget = max(30.0, deadline - t0)
+    done = steps
+    for step in range(steps):
+        progress = max(step / steps, (time.time() - t0) / budget)
+        if progress >= 1.0:
+            log(f"decoder time budget reached: decoder stage ends at step {step} of {steps} (time-bound)")
+            done = step
+            break
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr, 50, max(0.0, progress - 50 / steps) / (1 - 50 / steps))
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        x = _to_tensor(images[idx.numpy()])
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
+        mse = torch.nn.functional.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
+            log(f"decoder step {step + 1}/{steps} mse {mse.item():.5f} psnr {psnr:.1f} dB "
+                f"({(step + 1) / (time.time() - t0):.2f} steps/s)")
+    for p in vae.parameters():
+        p.requires_grad_(True)
     vae.eval()
     return done
 
@@ -314,6 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-share", type=float, default=0.35,
                     help="deadline for the VAE stage, as a share of --minutes")
+    ap.add_argument("--decoder-steps", type=int, default=DECODER_STEPS,
+                    help="decoder-only fine-tune on the wider mix (pale backgrounds of any hue); 0 skips it")
+    ap.add_argument("--decoder-share", type=float, default=0.25,
+                    help="deadline for the decoder stage, as a share of --minutes")
+    ap.add_argument("--n-decoder-images", type=int, default=6000)
+    ap.add_argument("--decoder-only", metavar="FOLDER", default=None,
+                    help="load the toy base in FOLDER, run only the decoder stage on it and write the result to --out "
+                         "(how the committed weights got their decoder: docs/toyworld.md)")
     ap.add_argument("--unet-steps", type=int, default=5000)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--unet-channels", default="32,64,64")
@@ -330,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     log(f"toyworld pretraining: seed {args.seed}, {args.threads} threads, out {out}")
+    if args.decoder_only:
+        return _decoder_only(args, Path(args.decoder_only), out, work, start, deadline)
 
     build_tokenizer_files(work / "tok", tw.vocabulary())
     tok = make_tokenizer(work / "tok")
@@ -348,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_done = train_vae(vae, np.concatenate([vae_imgs, imgs[:4000]]), args.vae_steps, args.vae_batch,
                          args.seed + 3, start + args.vae_share * args.minutes * 60)
     log(f"vae stage {time.time() - t:.0f} s ({vae_done} steps)")
+    decoder_done = _decoder_stage(args, vae, start)
 
     t = time.time()
     means, stds = encode_all(vae, imgs)
@@ -365,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save_pipeline(out, vae, te, unet, work / "tok")
     info = {"seed": args.seed, "threads": args.threads, "vae_steps_planned": args.vae_steps, "vae_steps_done": vae_done,
+            "decoder_steps_planned": args.decoder_steps, "decoder_steps_done": decoder_done,
             "unet_steps_planned": args.unet_steps, "unet_steps_done": done, "unet_batch": args.unet_batch,
             "vae_batch": args.vae_batch, "scaling_factor": scale,
             "parameters": {"vae": count(vae), "text_encoder": count(te), "unet": count(unet)},
@@ -373,6 +436,41 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
     shutil.rmtree(work, ignore_errors=True)
     log(f"saved {out} in {(time.time() - start) / 60:.1f} min total")
+    return 0
+
+
+def _decoder_stage(args, vae, start: float, deadline: float | None = None) -> int:
+    if args.decoder_steps <= 0:
+        return 0
+    t = time.time()
+    imgs, _, _ = tw.make_arrays(args.n_decoder_images, args.seed + 6, vae_overlay=0.6, pale=DECODER_PALE)
+    done = finetune_decoder(vae, imgs, args.decoder_steps, args.vae_batch, args.seed + 7,
+                            deadline or t + args.decoder_share * args.minutes * 60)
+    log(f"decoder stage {time.time() - t:.0f} s ({done} steps)")
+    return done
+
+
+def _decoder_only(args, src: Path, out: Path, work: Path, start: float, deadline: float) -> int:
+    """Run the decoder stage on an existing toy base (its encoder, text encoder, UNet and tokenizer kept)."""
+    import shutil
+
+    import torch
+    pipe = load_toyworld(src)
+    info_file = src / "toyworld_pretrain.json"
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    done = _decoder_stage(args, pipe.vae, start, deadline - 30)  # alone: the whole --minutes
+    tok_dir = work / "tok"
+    shutil.copytree(src / "tokenizer", tok_dir, dirs_exist_ok=True)
+    save_pipeline(out, pipe.vae, pipe.text_encoder, pipe.unet, tok_dir)
+    for cfg in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "model_index.json"):
+        if (src / cfg).is_file():  # unchanged by this stage (and without the loader's _name_or_path)
+            shutil.copyfile(src / cfg, out / cfg)
+    info.update({"decoder_stage": {"from": str(src), "seed": args.seed, "steps_planned": args.decoder_steps,
+                                   "steps_done": done, "pale_share": DECODER_PALE, "images": args.n_decoder_images,
+                                   "minutes": round((time.time() - start) / 60, 1), "torch": torch.__version__}})
+    (out / "toyworld_pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"saved {out} in {(time.time() - start) / 60:.1f} min")
     return 0
 
 

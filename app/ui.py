@@ -1336,12 +1336,12 @@ def _build_blocks(ctx: AppContext | None) -> gr.Blocks:
         def demo_fill() -> tuple:
             info = _DEMO["info"]
             from trainer.config import load_config
-            from .demo import TRIGGER
             from trainer.presets import resolve_preset
             cfg = load_config(resolve_preset(info.preset))
+            prompt = cfg.sample.prompts[0] if cfg.sample.prompts else ""  # the demo's first sample prompt
             return (gr.update(value=_demo_banner(), visible=True),
                     gr.update(choices=ctx.chosen, value=info.images),
-                    gr.update(choices=_model_choices(), value=info.model), 64, 64, 12, f"{TRIGGER}, red circle",
+                    gr.update(choices=_model_choices(), value=info.model), 64, 64, 12, prompt,
                     gr.update(choices=_preset_choices(), value=f"preset:{info.preset}"), *config_to_form(cfg))
 
         def on_demo_click(progress=gr.Progress()):

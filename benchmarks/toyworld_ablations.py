@@ -3,6 +3,7 @@ and write the table in docs/toyworld-ablations.md.
 
     python -m benchmarks.toyworld_ablations                    # every variant (about 8 minutes each on 2 cores)
     python -m benchmarks.toyworld_ablations --only baseline,no_reg --n 60 --style stripes
+    python -m benchmarks.toyworld_ablations --work runs/abl --reuse   # score the LoRAs already in --work again
 
 Each variant is trained through `lorastudio train --config presets/toyworld-style.toml --set ...` (the shipped
 preset, the normal path) and sampled through the generation engine (DDIM 20 steps, guidance 5, seeds fixed).
@@ -39,7 +40,8 @@ VARIANTS = {
 }
 
 
-def run_variant(name: str, work: Path, ev, n: int, threads: int, max_steps: int = 0, style: str = "shadow") -> dict:
+def run_variant(name: str, work: Path, ev, n: int, threads: int, max_steps: int = 0, style: str = "shadow",
+                reuse: bool = False) -> dict:
     from trainer import toyworld_lora as tl
     what, overrides, position, reg = VARIANTS[name]
     trigger = tl.TRIGGERS[style]
@@ -51,11 +53,18 @@ def run_variant(name: str, work: Path, ev, n: int, threads: int, max_steps: int 
         tl.make_reg_set(reg_dir)
     if max_steps:
         overrides = {**overrides, "train.max_steps": max_steps}
-    t = time.time()
-    lora = tl.train_style_lora(data, work / "runs", name, reg_dir=reg_dir if reg else None, overrides=overrides,
-                               threads=threads)
-    train_s = time.time() - t
-    row = {"variant": name, "what": what, "train_s": round(train_s)}
+    lora = work / "runs" / name / f"{name}.safetensors"
+    timing = lora.with_name("train_seconds.json")  # written next to the LoRA, so --reuse can report it
+    if reuse and lora.is_file():
+        train_s = json.loads(timing.read_text())["seconds"] if timing.is_file() else float("nan")
+        print(f"{name}: reusing {lora}", flush=True)
+    else:
+        t = time.time()
+        lora = tl.train_style_lora(data, work / "runs", name, reg_dir=reg_dir if reg else None,
+                                   overrides=overrides, threads=threads)
+        train_s = time.time() - t
+        timing.write_text(json.dumps({"seconds": round(train_s)}), encoding="utf-8")
+    row = {"variant": name, "what": what, "train_s": None if train_s != train_s else round(train_s)}
     ev.set_loras([(lora, 1.0)])
     on, _ = ev.score(tw.prompts(n, seed=0, trigger=trigger, position=position), styles=(style,))
     off, _ = ev.score(tw.prompts(n, seed=0), styles=(style,))
@@ -73,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-steps", type=int, default=0, help="override the preset's train.max_steps (smoke runs)")
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="score a variant's LoRA already in --work instead of training it again (after a change "
+                         "to the VAE's decoder, say: the LoRAs train on latents and do not depend on it)")
     ap.add_argument("--out", default=str(REPO / "docs" / "toyworld-ablations.md"))
     ap.add_argument("--json", default="", help="also write the raw figures here")
     args = ap.parse_args(argv)
@@ -93,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     base_off, _ = ev.score(tw.prompts(args.n, seed=0), styles=(style,))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        rows = [run_variant(v, work, ev, args.n, args.threads, args.max_steps, style) for v in names]
-    result = {"style": style, "n": args.n, "max_steps": args.max_steps, "ceiling": ceiling,
+        rows = [run_variant(v, work, ev, args.n, args.threads, args.max_steps, style, args.reuse) for v in names]
+    result = {"style": style, "n": args.n, "max_steps": args.max_steps, "ceiling": ceiling, "reuse": args.reuse,
               "base": {"with_trigger": base_on.row(), "without_trigger": base_off.row()}, "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
@@ -119,6 +131,8 @@ def render_table(result: dict) -> str:
         "",
         *([f"**Smoke run: every variant stopped at {result['max_steps']} steps; these figures say nothing about "
            "learning.**", ""] if result.get("max_steps") else []),
+        *(["Scored with `--reuse`: LoRA files found in the work folder were scored again, not trained again (train s "
+           "is from their training).", ""] if result.get("reuse") else []),
         f"| variant | with trigger: {st} | colour | shape | without trigger: {st} (leak) | colour | shape | train s |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -130,7 +144,7 @@ def render_table(result: dict) -> str:
         on, off = r["with_trigger"], r["without_trigger"]
         lines.append(f"| {r['variant']}: {r['what']} | {on[stat] / ceil:.0%} | {on['colour']:.0%} | "
                      f"{on['shape']:.0%} | {off[stat] / ceil:.0%} | {off['colour']:.0%} | "
-                     f"{off['shape']:.0%} | {r['train_s']} |")
+                     f"{off['shape']:.0%} | {'-' if r['train_s'] is None else r['train_s']} |")
     return "\n".join(lines) + "\n"
 
 

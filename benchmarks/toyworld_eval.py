@@ -1,5 +1,5 @@
 """Figures for docs/toyworld.md: the toy base's content accuracy (with and without an unseen trigger word)
-and how much of each style's statistic its VAE keeps.
+and how much of each style's statistic its VAE keeps (stripes, dots, outline, shadow, paper).
 
     python -m benchmarks.toyworld_eval --n 200 --json outputs/toyworld_eval.json
 """
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cond:10s} colour {r['colour']:.3f} shape {r['shape']:.3f} both {r['both']:.3f} "
               f"({dt:.0f} s; e.g. {ps[0][0]!r}) stats {r['style_statistics']} misses {r['misses']}", flush=True)
 
-    for style in tw.STYLES:
+    for style in tw.ALL_STYLES:
         d_rng = np.random.default_rng(11)
         drawings = [tw.sample_drawing(d_rng) for _ in range(60)]
         imgs = [tw.render(d, style, d_rng) for d in drawings]
@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
                              for a, b in zip(imgs, rec_imgs)]))
         results["vae"][style] = {"raw": round(raw, 2), "roundtrip": round(rec, 2), "ratio": round(rec / raw, 3),
                                  "psnr_db": round(10 * np.log10(255 ** 2 / mse), 2),
-                                 "content_after_roundtrip": content["both"]}
+                                 "content_after_roundtrip": content["both"], "colour_after_roundtrip": content["colour"],
+                                 "shape_after_roundtrip": content["shape"]}
         print(f"vae {style:8s} raw {raw:.1f} round trip {rec:.1f} ({rec / raw:.0%}), "
-              f"PSNR {results['vae'][style]['psnr_db']} dB, content kept {content['both']:.0%}", flush=True)
+              f"PSNR {results['vae'][style]['psnr_db']} dB, content kept {content['colour']:.0%} colour / "
+              f"{content['shape']:.0%} shape", flush=True)
     d_rng = np.random.default_rng(12)
     plain = [tw.render(tw.sample_drawing(d_rng), None, d_rng) for _ in range(60)]
     rec = roundtrip(pipe.vae, plain)

@@ -84,6 +84,45 @@ def test_shape_styles_and_their_statistics():
         tw.render(tw.sample_drawing(np.random.default_rng(0)), "plaid")
 
 
+def test_paper_tint_combines_with_the_other_styles():
+    """The paper tint: its statistic reads about 0 on plain pictures and about 28 on paper, the scorer still reads
+    the content on paper, and a drop shadow or outline drawn on paper keeps its own statistic (so two style LoRAs
+    can be scored against pictures drawn with both)."""
+    plain, _ = _drawn(45, seed=8)
+    paper, expected = _drawn(45, "paper", seed=8)
+    r = tw.score_images(paper, expected)
+    assert r["colour"] == 1.0 and r["shape"] >= 0.98, r["misses"]
+    p_plain, p_paper = tw.mean_style_statistic(plain, "paper"), tw.mean_style_statistic(paper, "paper")
+    assert p_plain < 5 and p_paper > 25, (p_plain, p_paper)
+    for mark in tw.SHAPE_STYLES:
+        alone, _ = _drawn(45, mark, seed=8)
+        both, exp_both = _drawn(45, f"{mark}+paper", seed=8)
+        assert tw.mean_style_statistic(both, mark) >= 0.9 * tw.mean_style_statistic(alone, mark), mark
+        assert tw.mean_style_statistic(alone, "paper") < 5                 # a mark does not read as paper
+        assert abs(tw.mean_style_statistic(both, "paper") - p_paper) < 2    # nor moves the paper's reading
+        assert tw.score_images(both, exp_both)["colour"] == 1.0
+    assert tw.mean_style_statistic(paper, "shadow") < 3 and tw.mean_style_statistic(paper, "outline") < 3
+    d = tw.sample_drawing(np.random.default_rng(0))
+    for bad in ("shadow+outline", "paper+paper", "paper+plaid"):
+        with pytest.raises(ValueError, match="unknown style"):
+            tw.render(d, bad)
+
+
+def test_pale_backgrounds_for_the_vae_are_generic_and_seeded():
+    rng = np.random.default_rng(0)
+    d = tw.sample_drawing(rng)
+    hues = set()
+    for i in range(40):
+        bg = np.array(tw.pale_background(d, np.random.default_rng(i)).background, np.float32) / 255
+        assert (bg.max() - bg.min()) / bg.max() <= tw.PALE_MAX_SATURATION + 0.01  # pale: below the scorer's 0.22
+        hues.add(int(np.degrees(np.arctan2(np.sqrt(3) * (bg[1] - bg[2]), 2 * bg[0] - bg[1] - bg[2])) // 60))
+    assert len(hues) >= 5  # any hue, not the paper's
+    a, _, _ = tw.make_arrays(8, seed=3, vae_overlay=0.6, pale=0.5)
+    b, _, _ = tw.make_arrays(8, seed=3, vae_overlay=0.6, pale=0.5)
+    c, _, _ = tw.make_arrays(8, seed=3, vae_overlay=0.6)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
 def test_style_statistic_is_phase_invariant():
     d = tw.sample_drawing(np.random.default_rng(4))
     vals = [tw.stripe_statistic(tw.render(d, "stripes", seed)) for seed in range(5)]
@@ -167,7 +206,7 @@ def test_base_draws_what_the_prompt_says(toy_pipe):
     assert r["colour"] >= 0.98 and r["shape"] >= 0.95, r
 
 
-@pytest.mark.parametrize("style", tw.STYLES)
+@pytest.mark.parametrize("style", tw.STYLES + tw.TINT_STYLES)
 def test_vae_carries_the_styles(toy_pipe, style):
     """An encode/decode round trip keeps >= 80% of each style's statistic (the VAE can express it)."""
     from trainer.toyworld_pretrain import roundtrip
@@ -178,25 +217,27 @@ def test_vae_carries_the_styles(toy_pipe, style):
 
 
 def test_vae_keeps_content_under_shape_styles(toy_pipe):
-    """After a round trip, shapes under an outline or a drop shadow read right nearly always (under the pattern
-    styles about half the time: docs/toyworld.md). The drop shadow keeps >= 80% of its statistic (the bar a style
-    must clear for the learning test); the outline about 75%, short of it."""
+    """After a round trip, shapes under an outline or a drop shadow (alone, or the shadow on paper) read right nearly
+    always (under the pattern styles about half the time: docs/toyworld.md), and each style keeps >= 80% of its statistic
+    (the bar a style must clear for the learning test). Drawn together, a drop shadow on paper keeps both marks:
+    the pair of styles the mixing test uses."""
     from trainer.toyworld_pretrain import roundtrip
     shape_ok, kept = {}, {}
-    for style in tw.SHAPE_STYLES:
+    for style in tw.SHAPE_STYLES + ("shadow+paper",):  # (an outline on paper keeps 78% of the outline)
         imgs, expected = _drawn(45, style, seed=7)
         rec = roundtrip(toy_pipe.vae, imgs)
         shape_ok[style] = tw.score_images(rec, expected)["shape"]
-        kept[style] = tw.mean_style_statistic(rec, style) / tw.mean_style_statistic(imgs, style)
-    assert shape_ok["outline"] >= 0.9 and shape_ok["shadow"] >= 0.9, shape_ok
-    assert kept["shadow"] >= 0.8 and kept["outline"] >= 0.7, kept
+        for st in style.split("+"):
+            kept[(style, st)] = tw.mean_style_statistic(rec, st) / tw.mean_style_statistic(imgs, st)
+    assert min(shape_ok.values()) >= 0.85, shape_ok
+    assert min(kept.values()) >= 0.8, kept
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("position", ["start", "end"])
 def test_base_ignores_an_unseen_trigger_word(toy_pipe, position):
     from trainer.toyworld_pretrain import generate
-    ps = tw.prompts(200, seed=1, trigger="zxq style", position=position)
+    ps = tw.prompts(120, seed=1, trigger="zxq style", position=position)
     imgs = generate(toy_pipe, [p for p, _, _ in ps], seed=1, steps=20, guidance=5.0)
     r = tw.score_images(imgs, [(c, s) for _, c, s in ps])
     assert r["colour"] >= 0.95 and r["shape"] >= 0.9, r
@@ -243,32 +284,83 @@ def test_ablation_script_writes_the_table(tmp_path):
                     "--work", str(tmp_path / "work")]) == 0
     text = out.read_text()
     assert "Smoke run" in text and "| base model, no LoRA |" in text and "| unet_only: UNet-only LoRA" in text
+    lora = tmp_path / "work" / "runs" / "unet_only" / "unet_only.safetensors"
+    mtime = lora.stat().st_mtime_ns
+    assert ab.main(["--only", "unet_only", "--n", "3", "--max-steps", "2", "--out", str(out),
+                    "--work", str(tmp_path / "work"), "--reuse"]) == 0           # score again, do not train again
+    assert lora.stat().st_mtime_ns == mtime and "Scored with `--reuse`" in out.read_text()
     assert ab.main(["--only", "rank99"]) == 2  # an unknown variant is one line and exit 2
 
 
-# ---------------------------------------------------------------- the learning test (issue 7, item 5)
+def test_decoder_only_stage_keeps_the_latent_space(tmp_path):
+    """`python -m trainer.toyworld_pretrain --decoder-only` (how the committed decoder was made), cut to 2 steps:
+    it changes the decoder only, so the encoder, UNet, text encoder and with them any LoRA stay valid."""
+    pytest.importorskip("torch")
+    from safetensors.torch import load_file
 
-LEARN_STEPS = 600  # the GUI demo's cut of the toyworld-style preset: about 4 minutes of training on 2 cores
+    from trainer import toyworld_pretrain as tp
+    out = tmp_path / "toy"
+    assert tp.main(["--decoder-only", str(BASE), "--out", str(out), "--decoder-steps", "2",
+                    "--n-decoder-images", "32"]) == 0
+    old, new = (load_file(str(f / "vae" / "diffusion_pytorch_model.safetensors")) for f in (BASE, out))
+    enc = [k for k in old if not k.startswith(("decoder.", "post_quant_conv."))]
+    assert enc and all(np.array_equal(old[k].numpy(), new[k].numpy()) for k in enc)
+    assert any(not np.array_equal(old[k].numpy(), new[k].numpy()) for k in old if k not in enc)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+                 "tokenizer/vocab.json", "unet/config.json", "vae/config.json"):
+        assert (BASE / part).read_bytes() == (out / part).read_bytes(), part
+    info = __import__("json").loads((out / "toyworld_pretrain.json").read_text())
+    assert info["decoder_stage"]["steps_done"] == 2 and info["unet_steps_done"] == 4135
+    tp.load_toyworld(out)  # loads like the committed one
 
 
-def test_a_style_lora_learns_the_drop_shadow_and_only_with_its_trigger(tmp_path):
-    """Train a style LoRA on the committed toy base through `lorastudio train` with the shipped toyworld-style
-    preset (cut to the demo's 600 steps), generate through the generation engine and score.
+# ---------------------------------------------------------------- the learning test (issue 7, items 2, 3, 5)
+
+LEARN_BAR = 0.75   # issue 7, item 2 asks 80% of what the VAE can show; measured 83% here (120.9 of 144.8) and
+                   # 86% on 45 samples (docs/toyworld-mixing.md); CI keeps a margin for other CPUs' arithmetic
+PAPER_STEPS = 500  # the preset cut for the paper tint, which it learns sooner (1,000 steps overshoot: 150%)
+
+
+@pytest.fixture(scope="module")
+def style_loras(tmp_path_factory):
+    """A drop-shadow LoRA (trigger `zxq style`) and a paper-tint LoRA (`vbn style`), each trained alone on the
+    committed toy base through `lorastudio train` with the shipped toyworld-style preset (the paper cut to 500
+    steps), 30 style pictures + 30 regularisation pictures. The two runs go side by side, one thread each (two
+    1-thread runs on 2 cores finish sooner than two 2-thread runs one after the other)."""
+    pytest.importorskip("torch")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainer import toyworld_lora as tl
+    w = tmp_path_factory.mktemp("styles")
+    tl.make_reg_set(w / "reg", 30)
+    for style in ("shadow", "paper"):
+        tl.make_style_set(w / style, style, 30)
+    jobs = {"shadow": {}, "paper": {"train.max_steps": PAPER_STEPS}}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {st: pool.submit(tl.train_style_lora, w / st, w / "runs", st, reg_dir=w / "reg", overrides=over,
+                                   threads=1) for st, over in jobs.items()}
+        return {st: f.result() for st, f in futures.items()}
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    pytest.importorskip("torch")
+    from trainer import toyworld_lora as tl
+    return tl.Evaluator()
+
+
+def test_a_style_lora_learns_the_drop_shadow_and_only_with_its_trigger(style_loras, evaluator):
+    """Issue 7, item 2, in CI: a style LoRA trained on the committed toy base through `lorastudio train` with the
+    shipped toyworld-style preset, sampled through the generation engine and scored.
 
     Catches what random-weight tests cannot: a wrong noise target or loss (no shadow), a text-encoder half that is
     trained but not written or applied (the trigger does nothing), a LoRA that is applied at the wrong scale or
-    leaks into every prompt (shadows without the trigger, content lost). The full preset (1,000 steps) reaches 82-83%
-    of the VAE's ceiling (docs/toyworld.md); 600 steps reached 66% (93.2 of 140.5), content 100% / 90%."""
-    pytest.importorskip("torch")
-    from trainer import toyworld_lora as tl
-    tl.make_style_set(tmp_path / "style", "shadow", 30)
-    tl.make_reg_set(tmp_path / "reg", 30)
-    lora = tl.train_style_lora(tmp_path / "style", tmp_path / "runs", "shadow", reg_dir=tmp_path / "reg",
-                               overrides={"train.max_steps": LEARN_STEPS})
-    ev = tl.Evaluator()
+    leaks into every prompt (shadows without the trigger, content lost)."""
+    ev, lora = evaluator, style_loras["shadow"]
     ceiling = ev.vae_ceiling("shadow", n=30)["roundtrip"]  # what the VAE can show of drawn shadows
     with_trigger = tw.prompts(30, seed=3, trigger="zxq style")
     without = tw.prompts(30, seed=3)
+    ev.set_loras([])
     base_stat = tw.mean_style_statistic(ev.images(with_trigger), "shadow")
     base_few = ev.images(with_trigger[:6])  # the same call again at weight 0 (batching changes the last bits)
     assert base_stat < 0.05 * ceiling  # the base never draws shadows
@@ -276,11 +368,39 @@ def test_a_style_lora_learns_the_drop_shadow_and_only_with_its_trigger(tmp_path)
     ev.set_loras([(lora, 1.0)])
     on, _ = ev.score(with_trigger, styles=("shadow",))
     off, _ = ev.score(without, styles=("shadow",))
-    assert on.style["shadow"] >= 0.5 * ceiling, (on.row(), ceiling)      # learned: at least half the ceiling
-    assert on.colour >= 0.85 and on.shape >= 0.80, on.row()               # the content stays right
+    print(f"ceiling {ceiling:.1f}, base {base_stat:.1f}, with trigger {on.row()}, without {off.row()}")
+    assert on.style["shadow"] >= LEARN_BAR * ceiling, (on.row(), ceiling)  # learned
+    assert on.colour >= 0.85 and on.shape >= 0.80, on.row()                 # the content stays right
     assert off.style["shadow"] <= base_stat + 0.05 * ceiling, (off.row(), base_stat)  # no leakage
     assert off.colour >= 0.9 and off.shape >= 0.85, off.row()
-    print(f"ceiling {ceiling:.1f}, base {base_stat:.1f}, with trigger {on.row()}, without {off.row()}")
 
     ev.set_loras([(lora, 0.0)])  # weight 0 is the base model, bit for bit
     assert all(np.array_equal(a, b) for a, b in zip(base_few, ev.images(with_trigger[:6])))
+
+
+def test_two_style_loras_mixed_add_up(style_loras, evaluator):
+    """Issue 7, item 3, in CI: the shadow and paper LoRAs, each trained alone, loaded together at (1, 1) with both
+    triggers keep at least 60% of their single-LoRA statistics (above the base's own level) with the content right;
+    a weight sweep 0, 0.25, ..., 1 moves the paper statistic monotonically; fused and unfused loading give the same
+    pictures. The same measurement as `python -m benchmarks.toyworld_mixing` (docs/toyworld-mixing.md), on fewer
+    samples."""
+    from benchmarks import toyworld_mixing as mx
+    res = mx.measure(evaluator, style_loras, n=30, seed=4, sweep_n=15, full=False)
+    r = res["rows"]
+    print({k: {kk: v[kk] for kk in ("shadow_stat", "paper_stat", "colour", "shape")} for k, v in r.items()},
+          res["sweep"], res["fused_vs_unfused_max_pixel_diff"])
+    ceiling = {st: res["ceiling"][st]["roundtrip"] for st in mx.STYLES}
+    for st in mx.STYLES:
+        base, single, mixed = (r[k][f"{st}_stat"] for k in ("base", st, "mix"))
+        assert single - base >= 0.3 * ceiling[st], (st, single, base)       # each LoRA alone learned its style
+        assert mixed - base >= 0.6 * (single - base), (st, mixed, single, base)
+    sweep = res["sweep"]["paper"]  # the shadow's is in docs/toyworld-mixing.md (steep: most of it from 0.75 to 1)
+    assert mx.is_monotonic(sweep), sweep  # monotonic, give or take noise at the base level
+    assert sweep[-1] - sweep[0] >= 0.3 * ceiling["paper"], sweep
+    assert r["mix"]["colour"] >= 0.85 and r["mix"]["shape"] >= 0.8, r["mix"]
+    assert r["mix_no_trigger"]["shadow_stat"] <= r["base"]["shadow_stat"] + 0.05 * ceiling["shadow"]  # no leakage
+    assert res["fused_vs_unfused_max_pixel_diff"] <= 2
+    text = mx.render_table(res)
+    assert "| shadow 1 + paper 1, fused, both triggers |" in text and "monotonic" in text
+    assert mx.main(["--shadow", str(style_loras["shadow"])]) == 2              # both or neither
+    assert mx.main(["--shadow", str(style_loras["shadow"]), "--paper", "nope.safetensors"]) == 2  # a missing file

@@ -21,7 +21,8 @@ from datasets_tools import toyworld as tw
 REPO = Path(__file__).resolve().parent.parent
 TOYWORLD_BASE = REPO / "trainer" / "assets" / "toyworld"
 TOYWORLD_PRESET = REPO / "presets" / "toyworld-style.toml"
-TRIGGERS = {"stripes": "zxq style", "dots": "vbn style", "shadow": "zxq style", "outline": "vbn style"}
+TRIGGERS = {"stripes": "zxq style", "dots": "vbn style", "shadow": "zxq style", "outline": "vbn style",
+            "paper": "vbn style"}
 
 EVAL_STEPS = 20        # DDIM steps and guidance of every toy-world figure (as in phase 1)
 EVAL_GUIDANCE = 5.0
@@ -115,8 +116,10 @@ class Evaluator:
         st = {s: float(tw.mean_style_statistic(imgs, s)) for s in styles}
         return Scores(r["colour"], r["shape"], r["both"], st, len(imgs), time.time() - t), imgs
 
-    def vae_ceiling(self, style: str, n: int = 60, seed: int = 11) -> dict:
-        """The style statistic of drawn pictures raw and after a VAE round trip, and the content that survives."""
+    def vae_ceiling(self, style: str, n: int = 60, seed: int = 11, statistics: tuple[str, ...] | None = None) -> dict:
+        """The style statistic of drawn pictures raw and after a VAE round trip, and the content that survives.
+        ``style`` may combine ("shadow+paper"); ``statistics`` (default: the style's own) are measured too, in
+        ``raw_stats`` / ``roundtrip_stats``."""
         from .toyworld_pretrain import roundtrip
         rng = np.random.default_rng(seed)
         pairs = [(c, s) for c in tw.COLOURS for s in tw.SHAPES]
@@ -124,5 +127,8 @@ class Evaluator:
         imgs = [tw.render(d, style, rng) for d in drawings]
         rec = roundtrip(self.model.vae, imgs)
         content = tw.score_images(rec, [(d.colour, d.shape) for d in drawings])
-        return {"raw": float(tw.mean_style_statistic(imgs, style)), "roundtrip": float(tw.mean_style_statistic(rec, style)),
+        stats = statistics or (style,)
+        raw = {st: float(tw.mean_style_statistic(imgs, st)) for st in stats}
+        rt = {st: float(tw.mean_style_statistic(rec, st)) for st in stats}
+        return {"raw": raw[stats[0]], "roundtrip": rt[stats[0]], "raw_stats": raw, "roundtrip_stats": rt,
                 "colour": content["colour"], "shape": content["shape"]}

@@ -108,6 +108,23 @@ def test_paper_tint_combines_with_the_other_styles():
             tw.render(d, bad)
 
 
+def test_scorer_white_balances_a_tinted_background():
+    """A background warmer than the scorer's saturation threshold (as a paper LoRA paints in patches) is not read
+    as the shape: the scorer greys the picture against its border first."""
+    from dataclasses import replace
+    rng = np.random.default_rng(9)
+    pairs = [(c, s) for c in tw.COLOURS for s in tw.SHAPES]
+    imgs, expected = [], []
+    for i in range(45):
+        d = tw.sample_drawing(rng, *pairs[i % 15])
+        v = float(np.mean(d.background))
+        warm = replace(d, background=(int(v), int(v * 0.92), int(v * 0.72)))  # HSV saturation 0.28
+        imgs.append(tw.render(warm))
+        expected.append((d.colour, d.shape))
+    r = tw.score_images(imgs, expected)
+    assert r["colour"] == 1.0 and r["shape"] >= 0.95, r["misses"]
+
+
 def test_pale_backgrounds_for_the_vae_are_generic_and_seeded():
     rng = np.random.default_rng(0)
     d = tw.sample_drawing(rng)
@@ -290,6 +307,22 @@ def test_ablation_script_writes_the_table(tmp_path):
                     "--work", str(tmp_path / "work"), "--reuse"]) == 0           # score again, do not train again
     assert lora.stat().st_mtime_ns == mtime and "Scored with `--reuse`" in out.read_text()
     assert ab.main(["--only", "rank99"]) == 2  # an unknown variant is one line and exit 2
+
+
+def test_pretraining_script_runs_every_stage_cut_short(tmp_path):
+    """`python -m trainer.toyworld_pretrain` end to end (tokenizer, VAE, decoder, UNet, save) with 2 steps a stage:
+    the folder it writes loads like the committed one and records what it did."""
+    pytest.importorskip("torch")
+    from trainer import toyworld_pretrain as tp
+    out = tmp_path / "toy"
+    assert tp.main(["--out", str(out), "--vae-steps", "2", "--decoder-steps", "2", "--unet-steps", "2",
+                    "--n-vae-images", "32", "--n-images", "64", "--n-decoder-images", "32", "--vae-batch", "4",
+                    "--unet-batch", "4"]) == 0
+    info = __import__("json").loads((out / "toyworld_pretrain.json").read_text())
+    assert (info["vae_steps_done"], info["decoder_steps_done"], info["unet_steps_done"]) == (2, 2, 2)
+    assert not out.with_name("toy.work").exists()
+    pipe = tp.load_toyworld(out)
+    assert pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
 
 
 def test_decoder_only_stage_keeps_the_latent_space(tmp_path):

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     vae_done = train_vae(vae, np.concatenate([vae_imgs, imgs[:4000]]), args.vae_steps, args.vae_batch,
                          args.seed + 3, start + args.vae_share * args.minutes * 60)
     log(f"vae stage {time.time() - t:.0f} s ({vae_done} steps)")
-    decoder_done = _decoder_stage(args, vae, start)
+    decoder_done = _decoder_stage(args, vae)
 
     t = time.time()
     means, stds = encode_all(vae, imgs)
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _decoder_stage(args, vae, start: float, deadline: float | None = None) -> int:
+def _decoder_stage(args, vae, deadline: float | None = None) -> int:
     if args.decoder_steps <= 0:
         return 0
     t = time.time()
@@ -458,13 +458,16 @@ def _decoder_only(args, src: Path, out: Path, work: Path, start: float, deadline
     pipe = load_toyworld(src)
     info_file = src / "toyworld_pretrain.json"
     info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    done = _decoder_stage(args, pipe.vae, start, deadline - 30)  # alone: the whole --minutes
+    # configs unchanged by this stage, kept byte for byte (without the loader's _name_or_path); read now, as --out
+    # may be FOLDER itself
+    configs = {c: (src / c).read_bytes() for c in ("unet/config.json", "vae/config.json", "text_encoder/config.json",
+                                                   "model_index.json") if (src / c).is_file()}
+    done = _decoder_stage(args, pipe.vae, deadline - 30)  # alone: the whole --minutes
     tok_dir = work / "tok"
     shutil.copytree(src / "tokenizer", tok_dir, dirs_exist_ok=True)
     save_pipeline(out, pipe.vae, pipe.text_encoder, pipe.unet, tok_dir)
-    for cfg in ("unet/config.json", "vae/config.json", "text_encoder/config.json", "model_index.json"):
-        if (src / cfg).is_file():  # unchanged by this stage (and without the loader's _name_or_path)
-            shutil.copyfile(src / cfg, out / cfg)
+    for cfg, data in configs.items():
+        (out / cfg).write_bytes(data)
     info.update({"decoder_stage": {"from": str(src), "seed": args.seed, "steps_planned": args.decoder_steps,
                                    "steps_done": done, "pale_share": DECODER_PALE, "images": args.n_decoder_images,
                                    "minutes": round((time.time() - start) / 60, 1), "torch": torch.__version__}})

@@ -148,10 +148,22 @@ def _to_tensor(imgs: np.ndarray):
 # ---------------------------------------------------------------- stages
 
 def train_vae(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadline: float,
-              lr: float = 1e-3) -> int:
+              lr: float = 1e-3, decoder_only: bool = False) -> int:
+    """Train the VAE (MSE plus a tiny KL). ``decoder_only``: train the decoder (and post-quant conv) only, MSE
+    only, with the encoder frozen, so the latent space the UNet learns in stays as it is. Returns the steps done
+    (fewer if the deadline came first)."""
     import torch
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    stage = "decoder" if decoder_only else "vae"
+    if decoder_only:
+        for p in vae.parameters():
+            p.requires_grad_(False)
+        params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        params = list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     vae.train()
     t0 = time.time()
     budget = max(30.0, deadline - t0)
@@ -159,67 +171,26 @@ def train_vae(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadli
     for step in range(steps):
         progress = max(step / steps, (time.time() - t0) / budget)  # as in train_unet
         if progress >= 1.0:
-            log(f"VAE time budget reached: VAE stage ends at step {step} of {steps} (time-bound)")
+            log(f"{stage} time budget reached: {stage} stage ends at step {step} of {steps} (time-bound)")
             done = step
             break
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr, 50, max(0.0, progress - 50 / steps) / (1 - 50 / steps))
         idx = torch.randint(0, len(images), (batch,), generator=g)
         x = _to_tensor(images[idx.numpy()])
-        post = vae.encode(x).latent_dist
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        mse = torch.nn.functional.mse_loss(rec, x)
-        loss = mse + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
-            log(f"vae step {step + 1}/{steps} mse {mse.item():.5f} psnr {psnr:.1f} dB "
-                f"({(step + 1) / (time.time() - t0):.2f} steps/s)")
-    vae.eval()
-    return done
-
-
-def finetune_decoder(vae, images: np.ndarray, steps: int, batch: int, seed: int, deadline: float,
-                     lr: float = 5e-4) -> int:
-    """Train the decoder (and post-quant conv) only, on a wider picture mix; the encoder, and so the latent space
-    the UNet learns in, stays as it is. Returns the steps done (fewer if the deadline came first)."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    for p in vae.parameters():
-        p.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    vae.train()
-    t0 = time.time()
-    budget = max(30.0, deadline - t0)
-    done = steps
-    for step in range(steps):
-        progress = max(step / steps, (time.time() - t0) / budget)
-        if progress >= 1.0:
-            log(f"decoder time budget reached: decoder stage ends at step {step} of {steps} (time-bound)")
-            done = step
-            break
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, lr, 50, max(0.0, progress - 50 / steps) / (1 - 50 / steps))
-        idx = torch.randint(0, len(images), (batch,), generator=g)
-        x = _to_tensor(images[idx.numpy()])
-        with torch.no_grad():
+        with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
-        mse = torch.nn.functional.mse_loss(vae.decode(z).sample, x)
+        rec = vae.decode(z).sample
+        mse = torch.nn.functional.mse_loss(rec, x)
+        loss = mse if decoder_only else mse + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
-        mse.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-10))
-            log(f"decoder step {step + 1}/{steps} mse {mse.item():.5f} psnr {psnr:.1f} dB "
+            log(f"{stage} step {step + 1}/{steps} mse {mse.item():.5f} psnr {psnr:.1f} dB "
                 f"({(step + 1) / (time.time() - t0):.2f} steps/s)")
     for p in vae.parameters():
         p.requires_grad_(True)
@@ -444,8 +415,8 @@ def _decoder_stage(args, vae, deadline: float | None = None) -> int:
         return 0
     t = time.time()
     imgs, _, _ = tw.make_arrays(args.n_decoder_images, args.seed + 6, vae_overlay=0.6, pale=DECODER_PALE)
-    done = finetune_decoder(vae, imgs, args.decoder_steps, args.vae_batch, args.seed + 7,
-                            deadline or t + args.decoder_share * args.minutes * 60)
+    done = train_vae(vae, imgs, args.decoder_steps, args.vae_batch, args.seed + 7,
+                     deadline or t + args.decoder_share * args.minutes * 60, lr=5e-4, decoder_only=True)
     log(f"decoder stage {time.time() - t:.0f} s ({done} steps)")
     return done
 

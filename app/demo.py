@@ -2,13 +2,11 @@
 
 ``create_demo(root)`` writes ``<root>/demo/``:
 
-* ``images/``: 30 drawn pictures of coloured shapes with a drop shadow (the toy world's ``shadow`` style;
-  stripes on the random-weights fallback), named ``red_circle_00.png`` and so on, without captions (the
+* ``images/``: 30 drawn pictures of coloured shapes with a drop shadow (the toy world's ``shadow`` style), named ``red_circle_00.png`` and so on, without captions (the
   template captioner turns the names into "zxq style, red circle"). Two are wider and one
   taller than square, so the bucket preview has crops to show.
-* the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``) when it is
-  there; otherwise a tiny SD1.5-shaped model with **random weights** at ``demo/model`` (its images are noise:
-  the demo then shows the workflow, not a result). ``DemoInfo.label`` says which, and the web app shows it.
+* the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``), shipped with the
+  package. ``DemoInfo.label`` says what it is, and the web app shows it.
 * ``regularisation/``: as many plain toy-world pictures with ordinary captions ("a red circle"), mixed into every batch
   (prior preservation). The toy-world measurements (docs/toyworld.md, phase 2) show that without them the style
   leaks into prompts without the trigger word.
@@ -75,37 +73,32 @@ def create_demo(root: str | Path, *, n_images: int = 30, progress=None) -> DemoI
     if not any(reg.glob("*.png")):
         say("drawing the regularisation pictures ...")
         draw_regularisation(reg, n_images)
-    if toyworld_available():
-        model, pretrained = TOYWORLD_MODEL, True
-        label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
-                 "a drop-shadow style it never saw. Training takes about 5 minutes on a 2-core CPU; caption the pictures "
-                 "with the trigger 'zxq style' first. Samples with the trigger grow shadows, the one without it stays "
-                 "plain (measured in docs/gui.md).")
-    else:
-        model, pretrained = d / "model", False
-        if not (model / "model_index.json").is_file():
-            say("building the tiny demo model (random weights) ...")
-            from trainer.tiny_models import save_tiny_pipeline
-            save_tiny_pipeline(model, "sd1")
-        label = ("DEMO with RANDOM WEIGHTS: a tiny SD1.5-shaped model that was never trained, so its images are "
-                 "noise. It lets you walk through scan, caption, train and generate on a CPU in a few minutes.")
+    if not toyworld_available():
+        from trainer.errors import UserError
+        raise UserError(f"the toy-world model is missing from {TOYWORLD_MODEL} (it ships with LoRA Studio): "
+                        "reinstall the package")
+    model = TOYWORLD_MODEL
+    label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
+             "a drop-shadow style it never saw. Training takes about 5 minutes on a 2-core CPU; caption the pictures "
+             "with the trigger 'zxq style' first. Samples with the trigger grow shadows, the one without it stays "
+             "plain (measured in docs/gui.md).")
     say("writing the demo preset ...")
-    write_demo_preset(model, images, Path(root).resolve() / "outputs", reg if pretrained else None)
-    info = DemoInfo(str(d), str(model), str(images), PRESET_NAME, pretrained, label)
+    write_demo_preset(model, images, Path(root).resolve() / "outputs", reg)
+    info = DemoInfo(str(d), str(model), str(images), PRESET_NAME, True, label)
     (d / "demo.json").write_text(json.dumps(asdict(info), indent=1), encoding="utf-8")
     return info
 
 
-def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None = None) -> Path:
-    """The shipped toy-world preset pointed at the demo folders (a short generic run on random weights)."""
+def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path) -> Path:
+    """The shipped toy-world preset pointed at the demo folders."""
     from trainer.config import apply_dict, load_config
-    from trainer.presets import resolve_preset, save_user_preset
-    cfg = load_config(resolve_preset(TOYWORLD_PRESET) if reg is not None else None)
+    from trainer.config.presets import resolve_preset, save_user_preset
+    cfg = load_config(resolve_preset(TOYWORLD_PRESET))
     # the demo stops at 600 steps (about 5 minutes on 2 cores): shadows show, fainter than the full preset's
-    steps = min(cfg.train.max_steps, DEMO_STEPS) if reg is not None else 50
+    steps = min(cfg.train.max_steps, DEMO_STEPS)
     cfg = apply_dict(cfg, {
         "model": {"base": str(model)},
-        "data": {"dir": str(images), "reg_dir": str(reg or ""), "resolution": 64, "min_bucket_px": 64,
+        "data": {"dir": str(images), "reg_dir": str(reg), "resolution": 64, "min_bucket_px": 64,
                  "max_bucket_px": 128, "bucket_step_px": 64, "default_caption": TRIGGER},
         "train": {"max_steps": steps, "save_every_steps": steps // 2},
         "sample": {"every_steps": steps // 4,
@@ -115,9 +108,6 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path | None
                    "steps": 20, "guidance_scale": 5.0, "sampler": "ddim", "width": 64, "height": 64},
         "output": {"dir": str(outputs), "name": "demo-lora", "trigger_phrase": TRIGGER},
     }, "demo preset")
-    if reg is None:
-        cfg = apply_dict(cfg, {"lora": {"rank": 8, "alpha": 8.0},
-                               "train": {"batch_size": 2, "learning_rate": 1e-3, "seed": 42}}, "demo preset")
     return save_user_preset(PRESET_NAME, cfg, f"Demo: train on the drawn drop-shadow pictures with the toy-world model "
                                               f"({steps} steps at 64 px; the last sample prompt has no trigger "
                                               f"word and should stay plain).")

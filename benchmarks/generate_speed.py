@@ -31,8 +31,8 @@ def sd15_base_model(device: str, dtype, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.models import BaseModel
-    from trainer.tokenizers import clip_tokenizer
+    from trainer.models.loading import BaseModel
+    from trainer.models.tokenizers import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(  # runwayml/stable-diffusion-v1-5 unet/config.json
@@ -62,8 +62,8 @@ def sd15_base_model(device: str, dtype, seed: int = 0):
 
 
 def tiny_base_model(device: str, dtype):
-    from trainer.models import BaseModel
-    from trainer.tiny_models import build_tiny_pipeline
+    from trainer.models.loading import BaseModel
+    from tests.fixtures.tiny_models import build_tiny_pipeline
     import torch
     p = build_tiny_pipeline("sd1")
     for m in (p.unet, p.text_encoder, p.vae):
@@ -81,8 +81,8 @@ def write_random_loras(base, folder: Path, n: int, rank: int) -> list[Path]:
     from diffusers.utils.peft_utils import recurse_remove_peft_layers
 
     from trainer.config import LoraConfig
-    from trainer.lora_inject import inject_lora
-    from trainer.lora_io import save_lora
+    from trainer.lora.inject import inject_lora
+    from trainer.lora.io import save_lora
 
     cfg = LoraConfig(rank=rank, alpha=rank / 2, unet_targets="kohya", text_encoder_targets="attention_mlp")
     handles = inject_lora(base.unet, base.text_encoders, cfg, train_text_encoder=True)
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from trainer.generation import Generator, LoraSpec
+    from trainer.generate.engine import Generator, LoraSpec
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,7 +38,7 @@ def build_full_sd15(path: Path) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trainer.tokenizers import clip_tokenizer
+    from trainer.models.tokenizers import clip_tokenizer
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
@@ -66,7 +66,7 @@ def make_images(folder: Path, n: int, res: int) -> None:
 
 def ours(model: Path, data: Path, out: Path, args) -> tuple[list[float], float]:
     from trainer import config as C
-    from trainer.training import train
+    from trainer.train.recipe import train
     cfg = C.load_config(None, [
         f"model.base={model}", f"data.dir={data}", f"data.resolution={args.resolution}",
         f"data.min_bucket_px={args.resolution}", "lora.rank=16", "lora.alpha=16",
@@ -89,7 +89,7 @@ def raw(model: Path, args) -> list[float]:
     from diffusers import UNet2DConditionModel
 
     from trainer import config as C
-    from trainer.lora_inject import inject_lora
+    from trainer.lora.inject import inject_lora
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
     unet.requires_grad_(False)
     torch.manual_seed(0)

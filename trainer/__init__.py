@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 
 def train(config, on_event=None, should_stop=None):
-    """The one way to train: see trainer.training.train."""
-    from .training import train as _train
+    """The one way to train: see trainer.train.recipe.train."""
+    from trainer.train.recipe import train as _train
     return _train(config, on_event=on_event, should_stop=should_stop)
 
 

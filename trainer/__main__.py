@@ -9,7 +9,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import help_table
+    from trainer.config import help_table
     p = argparse.ArgumentParser(
         prog="python -m trainer", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a LoRA without a browser (the GUI runs exactly this).",
@@ -29,10 +29,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def run_training(args, argv_for_log: list[str]) -> int:
     """Shared by `python -m trainer` and `lorastudio train`: SIGINT/SIGTERM save a checkpoint and exit 0."""
-    from .config import load_config
-    from .errors import UserError
-    from .events import ProgressBar
-    from .presets import resolve_preset
+    from trainer.config import load_config
+    from trainer.errors import UserError
+    from trainer.train.events import ProgressBar
+    from trainer.config.presets import resolve_preset
 
     stop = {"flag": False}
 
@@ -50,7 +50,7 @@ def run_training(args, argv_for_log: list[str]) -> int:
         if args.preset:
             base = load_config(resolve_preset(args.preset))
         cfg = load_config(args.config, args.set, base=base)
-        from .training import train as _train
+        from trainer.train.recipe import train as _train
         res = _train(cfg, on_event=ProgressBar(disable=True if not is_main else None), should_stop=lambda: stop["flag"],
                      resume=args.resume, overwrite=args.overwrite, command=" ".join(argv_for_log))
     except UserError as e:
@@ -58,7 +58,7 @@ def run_training(args, argv_for_log: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if res.status == "stopped" and is_main:
-        from .checkpoint import latest_checkpoint
+        from trainer.train.checkpoint import latest_checkpoint
         if latest_checkpoint(res.run_dir) is None:
             print("stopped before the first step; nothing to resume (start the run again)", file=sys.stderr)
         else:

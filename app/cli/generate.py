@@ -1,0 +1,245 @@
+"""`lorastudio generate`, `grid` and `inspect`: images with several LoRAs, comparison grids, and what a LoRA file is."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+SAMPLER_CHOICES = ("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc")
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="generate images with a base model and any number of LoRAs",
+                       description="Generate images with several LoRAs mixed by weight. LoRAs come from --lora "
+                                   "FILE:WEIGHT (also FILE:TE:UNET) and from A1111 tags in the prompt "
+                                   "(<lora:name:0.8>, names looked up in --lora-dir). Fused by default.")
+    _model_args(g)
+    _lora_args(g)
+    _image_args(g)
+    g.add_argument("--prompt", required=True, help="prompt; may contain <lora:name:weight> tags")
+    g.add_argument("--seed", type=int, default=-1, help="seed of the first image (image i uses seed+i; -1 = random)")
+    g.add_argument("--batch", type=int, default=1, help="images to generate")
+    g.add_argument("--out", default="output.png", help="PNG to write; with --batch N, <stem>-<seed>.png each")
+    g.set_defaults(func=_generate)
+
+    r = sub.add_parser("grid", help="a labelled comparison grid (LoRA weight x seed, checkpoint x weight, "
+                                    "prompt x LoRA)",
+                       description="One PNG with labelled rows and columns. Default: the first --lora at each of "
+                                   "--weights (columns) for each of --seeds (rows). --checkpoints RUN_DIR: the "
+                                   "run's saved LoRAs (rows) x --weights. --prompts: prompts (rows) x each --lora "
+                                   "(columns, after a no-LoRA column). Other --lora values stay applied.")
+    _model_args(r)
+    _lora_args(r)
+    _image_args(r)
+    r.add_argument("--prompt", default="", help="prompt (weight x seed and checkpoint grids)")
+    r.add_argument("--prompts", nargs="+", help="prompts for a prompt x LoRA grid")
+    r.add_argument("--weights", default="0,0.5,1", help="comma-separated LoRA weights (columns)")
+    r.add_argument("--seeds", default="1", help="comma-separated seeds (rows of a weight x seed grid; else the "
+                                                "first is used)")
+    r.add_argument("--checkpoints", metavar="RUN_DIR", help="a training run folder: compare its saved LoRAs")
+    r.add_argument("--out", default="grid.png", help="PNG to write")
+    r.set_defaults(func=_grid)
+
+    i = sub.add_parser("inspect", help="what a LoRA file is: format, base family, rank, alpha, keys, metadata, "
+                                       "hash")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.set_defaults(func=_inspect)
+
+
+def _model_args(p) -> None:
+    p.add_argument("--model", required=True, help="base model: diffusers folder, hub id or single-file checkpoint")
+    p.add_argument("--family", default="auto", choices=("auto", "sd1", "sd2", "sdxl"), help="model family")
+    p.add_argument("--vae", default="", help="optional VAE replacing the model's own")
+    p.add_argument("--clip-skip", type=int, default=1, help="CLIP skip (1 = last layer, 2 = penultimate)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="model dtype (auto: fp16 on GPU, fp32 on CPU)")
+
+
+def _lora_args(p) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:W]",
+                   help="a LoRA file (or a name in --lora-dir) with its weight: FILE:0.8, FILE:TE:UNET, "
+                        "FILE:te=0.5:unet=1; repeat for several")
+    p.add_argument("--lora-dir", default="", help="folder where <lora:name> tags and bare --lora names are "
+                                                  "looked up (by file name or ss_output_name)")
+    p.add_argument("--no-fuse", action="store_true", help="keep LoRAs as separate peft adapters instead of "
+                                                          "merging them into the weights")
+    p.add_argument("--allow-partial", action="store_true", help="load LoRAs with keys that match no layer "
+                                                                "(they are reported and skipped)")
+
+
+def _image_args(p) -> None:
+    p.add_argument("--negative", default="", help="negative prompt")
+    p.add_argument("--steps", type=int, default=20, help="denoising steps")
+    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
+    p.add_argument("--width", type=int, default=512, help="width in px (multiple of 8)")
+    p.add_argument("--height", type=int, default=512, help="height in px (multiple of 8)")
+    p.add_argument("--sampler", default="euler", choices=SAMPLER_CHOICES, help="sampler")
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _numbers(text: str, what: str, cast=float) -> list:
+    from trainer.errors import UserError
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError:
+            raise UserError(f"--{what}: '{part}' is not a {'whole ' if cast is int else ''}number") from None
+    if not out:
+        raise UserError(f"--{what}: give at least one value")
+    return out
+
+
+def _check_out(path: str):
+    from pathlib import Path
+
+    from trainer.errors import UserError
+    p = Path(path)
+    if p.suffix.lower() != ".png":
+        raise UserError(f"--out {path}: the output must be a .png file", path=path)
+    if p.is_dir():
+        raise UserError(f"--out {path} is a folder; give a .png file name", path=path)
+    return p
+
+
+def _prepare(args, prompts: list[str]):
+    """Everything that can be checked without the model first (weights, files, tags), then the model."""
+    from trainer.errors import UserError
+    from trainer.generate.engine import LoraSpec, resolve_lora
+    from trainer.lora.io import read_lora
+    from trainer.generate.prompt_syntax import parse_prompt
+
+    from pathlib import Path
+    specs = [LoraSpec.parse(v) for v in args.lora]  # a weight that is not a number fails here
+    lora_dir = Path(args.lora_dir) if args.lora_dir else None
+    if lora_dir is not None and not lora_dir.is_dir():
+        raise UserError(f"--lora-dir {lora_dir} is not a folder", path=str(lora_dir))
+    for s in specs:  # missing or corrupt files fail before the (slow) model load; each file is read once
+        p = resolve_lora(str(s.source), lora_dir)
+        s.name = s.name or p.stem
+        s.source = read_lora(p, allow_partial=args.allow_partial)
+    for prompt in prompts:
+        for tag in parse_prompt(prompt)[1]:
+            try:
+                resolve_lora(tag.name, lora_dir)
+            except UserError as e:
+                hint = "" if lora_dir is not None else " (give --lora-dir to look names up in a folder)"
+                raise UserError(f"prompt tag {tag.text}: {e}{hint}") from None
+    return specs, lora_dir
+
+
+def _load_generator(args, lora_dir):
+    import torch
+
+    from trainer.config import ModelConfig
+    from trainer.errors import UserError
+    from trainer.generate.engine import Generator
+    from trainer.models.loading import load_base_model
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    if not 1 <= args.clip_skip <= 12:
+        raise UserError(f"--clip-skip {args.clip_skip}: must be between 1 and 12")
+    cfg = ModelConfig(base=args.model, family=args.family, vae=args.vae, clip_skip=args.clip_skip)
+    _quiet_loading()
+    base = load_base_model(cfg, dtype=dtype, device=device)
+    return Generator(base, lora_dir=lora_dir, allow_partial=args.allow_partial)
+
+
+def _quiet_loading() -> None:
+    """No per-shard 'Loading weights' bars: the command's output is its result lines (or one error line)."""
+    try:
+        import diffusers.utils.logging as dl
+        import transformers.utils.logging as tl
+        tl.disable_progress_bar()
+        dl.disable_progress_bar()
+    except Exception:  # only cosmetics
+        pass
+
+
+def _image_kwargs(args) -> dict:
+    return dict(steps=args.steps, guidance_scale=args.cfg, width=args.width, height=args.height,
+                sampler=args.sampler, clip_skip=args.clip_skip)
+
+
+def _generate(args) -> int:
+    from trainer.errors import UserError
+    from trainer.generate.engine import check_image_size, save_image
+
+    out = _check_out(args.out)
+    check_image_size(args.width, args.height, args.steps, args.batch)
+    if args.batch > 64:
+        raise UserError(f"--batch {args.batch}: at most 64 images per call")
+    specs, lora_dir = _prepare(args, [args.prompt])
+    seed = args.seed if args.seed >= 0 else random.randrange(2**31)
+    gen = _load_generator(args, lora_dir)
+    gen.set_loras(specs, mode="unfused" if args.no_fuse else "fused")
+    images = gen.generate(args.prompt, args.negative, seed=seed, batch_size=args.batch, **_image_kwargs(args))
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{seed + i}{out.suffix}")
+                                           for i in range(len(images))]
+    for img, p in zip(images, paths):
+        save_image(img, p)
+        print(f"wrote {p}")
+    return 0
+
+
+def _grid(args) -> int:
+    from trainer.errors import UserError
+    from trainer.generate.engine import check_image_size, list_checkpoints, save_image
+
+    out = _check_out(args.out)
+    check_image_size(args.width, args.height, args.steps, 1)
+    weights = _numbers(args.weights, "weights")
+    seeds = _numbers(args.seeds, "seeds", int)
+    prompts = args.prompts or []
+    if args.checkpoints and prompts:
+        raise UserError("grid: use either --checkpoints or --prompts, not both")
+    if not prompts and not args.prompt:
+        raise UserError("grid: give --prompt (or --prompts for a prompt x LoRA grid)")
+    files = list_checkpoints(args.checkpoints) if args.checkpoints else []
+    specs, lora_dir = _prepare(args, prompts or [args.prompt])
+    if not args.checkpoints and not prompts and not specs:
+        raise UserError("grid: give --lora NAME for a weight x seed grid (or --checkpoints / --prompts)")
+    if prompts and not specs:
+        raise UserError("grid: a prompt x LoRA grid needs at least one --lora")
+    cells = (len(files) or len(prompts) or len(seeds)) * (len(weights) if not prompts else len(specs) + 1)
+    if cells > 400:
+        raise UserError(f"grid: {cells} images is too many for one grid (at most 400)")
+    gen = _load_generator(args, lora_dir)
+    mode = "unfused" if args.no_fuse else "fused"
+    kw = _image_kwargs(args)
+    if args.checkpoints:
+        gen.set_loras(specs, mode=mode)
+        result = gen.grid_checkpoint_weight(files, weights, args.prompt, args.negative, seed=seeds[0], **kw)
+    elif prompts:
+        gen.set_loras([], mode=mode)
+        result = gen.grid_prompt_lora(prompts, specs, args.negative, seed=seeds[0], **kw)
+    else:
+        gen.set_loras(specs[1:], mode=mode)
+        result = gen.grid_weight_seed(specs[0], weights, seeds, args.prompt, args.negative, **kw)
+    save_image(result.image, out)
+    print(f"wrote {out} ({len(result.row_labels)} rows x {len(result.col_labels)} columns)")
+    return 0
+
+
+def _inspect(args) -> int:
+    from trainer.generate.engine import format_inspection, inspect_lora
+    info = inspect_lora(args.file)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2, default=str)
+        print()
+    else:
+        print(format_inspection(info))
+    return 0

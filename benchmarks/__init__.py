@@ -1,0 +1,1 @@
+"""Speed and learning measurements; each reports a ratio against a baseline run in the same process."""

@@ -1,0 +1,145 @@
+"""Presets: shipped and user TOML overlays; list, show, validate, save, import/export, rebuild from a LoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer import config as C
+from trainer.errors import UserError
+
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "presets"
+
+
+def user_dir() -> Path:
+    """User presets live in $LORASTUDIO_HOME/presets (default ~/.lorastudio/presets)."""
+    home = Path(os.environ.get("LORASTUDIO_HOME", Path.home() / ".lorastudio"))
+    return home / "presets"
+
+
+@dataclass
+class PresetInfo:
+    name: str
+    path: Path
+    source: str          # shipped | user
+    summary: str         # first header line
+
+
+def _summary(text: str) -> str:
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("#"):
+            s = s.lstrip("#").strip()
+            if s:
+                return s
+        elif s:
+            break
+    return ""
+
+
+def list_presets() -> list[PresetInfo]:
+    out = []
+    for source, d in (("shipped", SHIPPED_DIR), ("user", user_dir())):
+        if d.is_dir():
+            for p in sorted(d.glob("*.toml")):
+                try:
+                    out.append(PresetInfo(p.stem, p, source, _summary(p.read_text(encoding="utf-8"))))
+                except OSError:
+                    continue
+    return out
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".toml" and p.is_file():
+        return p
+    for info in reversed(list_presets()):  # a user preset shadows a shipped one of the same name
+        if info.name == name_or_path:
+            return info.path
+    names = [i.name for i in list_presets()]
+    import difflib
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; available: {', '.join(names)}"
+    raise UserError(f"preset not found: {name_or_path}{hint}")
+
+
+def validate_preset_text(text: str, source: str = "preset", allowed_roots: list[Path] | None = None) -> C.Config:
+    """Parse and check a preset: size, TOML, known keys, types, ranges, and (if given) where paths may point."""
+    if len(text.encode("utf-8")) > C.MAX_PRESET_BYTES:
+        raise UserError(f"{source} is larger than {C.MAX_PRESET_BYTES // 1024} KiB; not a LoRA Studio preset")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{source} is not valid TOML: {e}") from None
+    if "preset_version" not in data:
+        raise UserError(f"{source} has no preset_version; not a LoRA Studio preset", field="preset_version")
+    cfg = C.apply_dict(C.default_config(), data, source)
+    if allowed_roots is not None:
+        roots = [Path(r).resolve() for r in allowed_roots]
+        for fi in C.FIELDS.values():
+            if not fi.path:
+                continue
+            value = data.get(fi.section, {}).get(fi.name) if isinstance(data.get(fi.section), dict) else None
+            if not value or (fi.key == "model.base" and _looks_like_hub_id(value)):
+                continue
+            target = Path(value).expanduser()
+            target = (target if target.is_absolute() else Path.cwd() / target).resolve()
+            if not any(target == r or r in target.parents for r in roots):
+                raise UserError(f"{source}: {fi.key} points outside the allowed folders ({value})", field=fi.key)
+    return cfg
+
+
+def _looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists()
+
+
+def preset_text(cfg: C.Config, header: str) -> str:
+    """A partial preset: only what differs from the defaults."""
+    return C.dict_to_toml(C.diff_from_defaults(cfg), header=header)
+
+
+def save_user_preset(name: str, cfg: C.Config, header: str = "") -> Path:
+    if not re.fullmatch(r"[\w.-]{1,64}", name) or name.startswith("."):
+        raise UserError(f"preset name {name!r}: use letters, digits, '-', '_' or '.' (at most 64)")
+    d = user_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.toml"
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(preset_text(cfg, header or f"User preset '{name}'."), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The __metadata__ of a safetensors file, read from its header only (no torch, no tensor data)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file too short")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 1024 * 1024:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise UserError(f"file not found: {p}", path=str(p)) from None
+    except (ValueError, UnicodeDecodeError, json.JSONDecodeError, struct.error) as e:
+        raise UserError(f"{p} is not a safetensors file ({e})", path=str(p)) from None
+    meta = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def preset_from_lora(path: str | Path) -> str:
+    """Rebuild the preset that made a LoRA Studio LoRA from its embedded resolved config."""
+    meta = read_safetensors_metadata(path)
+    text = meta.get("lorastudio.config")
+    if not text:
+        raise UserError(f"{path} was not made by LoRA Studio (no lorastudio.config in its metadata)", path=str(path))
+    cfg = validate_preset_text(text, str(path))
+    return preset_text(cfg, header=f"Rebuilt from {Path(path).name} (its embedded training config).")

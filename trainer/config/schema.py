@@ -1,0 +1,299 @@
+"""The one config schema: dataclasses whose field metadata drive CLI help, --set, presets and the GUI form.
+
+TOML reading and writing, ``--set`` overrides and migrations live in ``trainer.config.io``."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from trainer.errors import UserError
+
+#: Version of the preset / config file format. Bump with a migration in ``_migrate``.
+PRESET_VERSION = 1
+
+#: Presets larger than this are refused (they are small text files; anything bigger is not ours).
+MAX_PRESET_BYTES = 64 * 1024
+
+
+def opt(default, help: str, *, choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, basic: bool = False, path: bool = False):
+    """A config field with its documentation and constraints."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "basic": basic, "path": path}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """Base model."""
+    base: str = opt("", "Base model: a diffusers folder, a hub id, or a single-file .safetensors checkpoint "
+                    "(SD1.5, SD2.x or SDXL).", basic=True, path=True)
+    family: str = opt("auto", "Model family; 'auto' detects it from the files.",
+                      choices=("auto", "sd1", "sd2", "sdxl"))
+    prediction_type: str = opt("auto", "Noise target; 'auto' reads it from the model (SD2-768 models are "
+                               "v_prediction).", choices=("auto", "epsilon", "v_prediction"))
+    vae: str = opt("", "Optional VAE to use instead of the model's own (diffusers folder or .safetensors).",
+                   path=True)
+    clip_skip: int = opt(1, "Use the text encoder's N-th hidden state from the end (1 = last, 2 = the usual "
+                         "'clip skip 2' of anime models).", min=1, max=12)
+
+
+@dataclass
+class DataConfig:
+    """Training images and captions."""
+    dir: str = opt("", "Folder of training images (searched recursively) with same-name .txt captions. "
+                   "Sub-folders named 'N_name' repeat their images N times (kohya layout).",
+                   basic=True, path=True)
+    resolution: int = opt(512, "Target training resolution in pixels (bucket area is about resolution^2).",
+                          min=64, max=4096, basic=True)
+    caption_extension: str = opt(".txt", "Extension of caption files next to the images.")
+    default_caption: str = opt("", "Caption for images without a caption file (usually the trigger word). "
+                               "Missing captions are reported as a warning.", basic=True)
+    repeats: int = opt(1, "Repeats for images not in an 'N_name' folder.", min=1, max=1000)
+    enable_bucket: bool = opt(True, "Aspect-ratio bucketing; off means every image is center-cropped square.")
+    min_bucket_px: int = opt(256, "Smallest bucket side in pixels.", min=64, max=4096)
+    max_bucket_px: int = opt(1024, "Largest bucket side in pixels.", min=64, max=8192)
+    bucket_step_px: int = opt(64, "Bucket sides are multiples of this.", choices=(8, 16, 32, 64, 128))
+    bucket_no_upscale: bool = opt(False, "Never upscale: small images get a bucket no larger than themselves.")
+    shuffle_caption: bool = opt(False, "Shuffle comma-separated caption tags each time an image is used.")
+    keep_tokens: int = opt(0, "With shuffle: keep the first N tags (e.g. the trigger word) in place.",
+                           min=0, max=100)
+    caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.", min=0.0, max=1.0)
+    flip: bool = opt(False, "Random horizontal flip (both orientations are encoded and cached; do not use for "
+                     "asymmetric characters or text).")
+    reg_dir: str = opt("", "Optional folder of regularisation (prior-preservation) images with captions; they "
+                       "are mixed into every batch so the LoRA does not leak into unrelated prompts.",
+                       path=True)
+    prior_loss_weight: float = opt(1.0, "Loss weight of regularisation images.", min=0.0, max=10.0)
+    cache_latents: bool = opt(True, "Encode every image with the VAE once, before training (faster, less memory).")
+    cache_latents_to_disk: bool = opt(False, "Also keep the latent cache on disk, keyed by file content and "
+                                      "settings, so the next run skips encoding.")
+    cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
+                         path=True)
+
+
+@dataclass
+class LoraConfig:
+    """What is trained."""
+    rank: int = opt(16, "LoRA rank (network dim).", min=1, max=1024, basic=True)
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/rank (0 = alpha equals rank, scale 1).", min=0.0, max=4096.0, basic=True)
+    train_text_encoder: bool = opt(True, "Also train LoRA on the text encoder(s). A new trigger word needs it: in the "
+                                   "toy-world ablations a UNet-only LoRA put its style into every prompt.", basic=True)
+    unet_targets: str = opt("attention", "UNet layers: 'attention' = to_q/to_k/to_v/to_out.0 of self- and "
+                            "cross-attention; 'kohya' adds ff and proj_in/proj_out (what kohya's networks.lora "
+                            "trains).", choices=("attention", "kohya"))
+    text_encoder_targets: str = opt("attention", "Text-encoder layers: 'attention' = q/k/v/out_proj; "
+                                    "'attention_mlp' adds fc1/fc2.", choices=("attention", "attention_mlp"))
+    conv_rank: int = opt(0, "LoCon: rank for the 3x3 convs of resnets and up/down-samplers (0 = off). Convolutions "
+                         "draw spatial marks (a drop shadow in the toy world) and keep shapes intact.",
+                         min=0, max=1024)
+    conv_alpha: float = opt(1.0, "LoCon alpha for the conv layers (0 = equal to conv_rank).", min=0.0, max=4096.0)
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=0.9)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+    max_steps: int = opt(1000, "Number of optimizer steps.", min=1, max=10_000_000, basic=True)
+    batch_size: int = opt(1, "Images per step per process.", min=1, max=1024, basic=True)
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step.",
+                                           min=1, max=1024)
+    learning_rate: float = opt(1e-4, "Learning rate of the UNet LoRA (Prodigy: use 1.0).",
+                               min=0.0, max=10.0, basic=True)
+    text_encoder_lr: float = opt(-1.0, "Learning rate of the text-encoder LoRA (-1 = same as learning_rate).",
+                                 min=-1.0, max=10.0)
+    optimizer: str = opt("adamw", "Optimizer. adamw8bit needs bitsandbytes and a CUDA GPU.",
+                         choices=("adamw", "adamw8bit", "prodigy", "lion", "adafactor"), basic=True)
+    weight_decay: float = opt(0.01, "Weight decay.", min=0.0, max=1.0)
+    lr_scheduler: str = opt("constant", "Learning-rate schedule (after warm-up).",
+                            choices=("constant", "linear", "cosine", "cosine_with_restarts"))
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=1_000_000)
+    lr_num_cycles: int = opt(1, "Restarts for cosine_with_restarts.", min=1, max=100)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).", min=0.0, max=1000.0)
+    mixed_precision: str = opt("no", "Precision of the frozen base and activations; LoRA weights stay fp32.",
+                               choices=("no", "fp16", "bf16"), basic=True)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~20-35% slower.")
+    attention: str = opt("sdpa", "Attention kernel: PyTorch scaled_dot_product_attention or the plain path.",
+                         choices=("sdpa", "default"))
+    seed: int = opt(42, "Random seed (data order, noise, LoRA init).", min=0, max=2**32 - 1, basic=True)
+    noise_offset: float = opt(0.0, "Noise offset (crosslabs.org/blog/diffusion-with-offset-noise); 0.05-0.1 "
+                              "helps very dark/bright images.", min=0.0, max=1.0)
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (arXiv:2303.09556); 5 is typical; 0 = off.",
+                               min=0.0, max=100.0)
+    save_every_steps: int = opt(0, "Save an intermediate LoRA and a resumable checkpoint every N steps (0 = "
+                                "only at the end and on stop).", min=0, max=10_000_000)
+    keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (oldest are deleted).", min=1, max=1000)
+
+
+@dataclass
+class SampleConfig:
+    """Preview images during training."""
+    every_steps: int = opt(0, "Generate samples every N steps (0 = off).", min=0, max=10_000_000)
+    prompts: list = opt([], "Prompts for the samples (one image each).")
+    negative_prompt: str = opt("", "Negative prompt for the samples.")
+    steps: int = opt(20, "Denoising steps per sample.", min=1, max=500)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=50.0)
+    seed: int = opt(1, "Seed for the samples (the same every time so samples are comparable).",
+                    min=0, max=2**32 - 1)
+    width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=4096)
+    height: int = opt(0, "Sample height in px (0 = data.resolution).", min=0, max=4096)
+    sampler: str = opt("euler", "Sampler.", choices=("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"))
+
+
+@dataclass
+class OutputConfig:
+    """Where and how the LoRA is written."""
+    dir: str = opt("outputs", "Parent folder of runs; the run lands in <dir>/<name>/.", basic=True, path=True)
+    name: str = opt("my-lora", "Run and file name.", basic=True)
+    save_precision: str = opt("fp16", "dtype of the saved LoRA tensors.", choices=("fp16", "bf16", "fp32"))
+    also_diffusers: bool = opt(False, "Also write a diffusers/PEFT pytorch_lora_weights.safetensors "
+                               "(for diffusers only; A1111/ComfyUI need the kohya file).")
+    dataset_metadata: bool = opt(True, "Embed dataset folder names and caption tag counts (ss_tag_frequency) "
+                                 "in the LoRA; turn off for privacy.")
+    tensorboard: bool = opt(False, "Log loss and learning rate to TensorBoard under <run>/logs.")
+    author: str = opt("", "modelspec.author.")
+    description: str = opt("", "modelspec.description.")
+    trigger_phrase: str = opt("", "modelspec.trigger_phrase (shown by UIs as the activation text).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) / self.output.name
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
+            "sample": SampleConfig, "output": OutputConfig}
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    section: str
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None
+    min: float | None
+    max: float | None
+    basic: bool
+    path: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def type_name(self) -> str:
+        return {bool: "bool", int: "int", float: "float", str: "str", list: "list"}[self.type]
+
+
+def _field_type(section_cls, f) -> type:
+    hints = typing.get_type_hints(section_cls)
+    t = hints[f.name]
+    return typing.get_origin(t) or t
+
+
+def iter_fields() -> Iterator[FieldInfo]:
+    """Every config field with its documentation, in schema order."""
+    for sname, scls in SECTIONS.items():
+        for f in dataclasses.fields(scls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            m = f.metadata
+            yield FieldInfo(sname, f.name, _field_type(scls, f), default, m["help"], m["choices"], m["min"],
+                            m["max"], m["basic"], m["path"])
+
+
+FIELDS: dict[str, FieldInfo] = {fi.key: fi for fi in iter_fields()}
+
+
+def _suggest(key: str, candidates) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    if not close and "." in key:  # a right name in the wrong section, e.g. train.rank
+        tail = key.split(".", 1)[1]
+        close = [k for k in candidates if k.split(".", 1)[-1] == tail][:1]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_value(fi: FieldInfo, value: Any, source: str = "") -> Any:
+    """Type-check and range-check one value; returns it normalised (int->float where needed)."""
+    where = f" in {source}" if source else ""
+    t = fi.type
+    ok = False
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+            if not math.isfinite(value):
+                raise UserError(f"{fi.key}{where}: {value} is not a finite number", field=fi.key)
+    elif t is str:
+        ok = isinstance(value, str)
+    elif t is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise UserError(f"{fi.key}{where}: expected {fi.type_name}, got {type(value).__name__} {value!r}",
+                        field=fi.key)
+    if fi.choices is not None and value not in fi.choices:
+        raise UserError(f"{fi.key}{where}: {value!r} is not one of {', '.join(map(str, fi.choices))}"
+                        f"{_suggest(str(value), map(str, fi.choices)) if isinstance(value, str) else ''}",
+                        field=fi.key)
+    if fi.min is not None and value < fi.min:
+        raise UserError(f"{fi.key}{where}: {value} is below the minimum {fi.min:g}", field=fi.key)
+    if fi.max is not None and value > fi.max:
+        raise UserError(f"{fi.key}{where}: {value} is above the maximum {fi.max:g}", field=fi.key)
+    return value
+
+
+def parse_value(fi: FieldInfo, text: str) -> Any:
+    """Parse a command-line string (from --set key=value or a form) into the field's type."""
+    t = fi.type
+    s = text.strip()
+    try:
+        if t is bool:
+            low = s.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if t is int:
+            try:
+                return int(s)
+            except ValueError:
+                f = float(s)  # "1e3" or "1000.0"
+                if not f.is_integer():
+                    raise
+                return int(f)
+        if t is float:
+            return float(s)
+        if t is list:
+            if s.startswith("["):
+                val = json.loads(s)
+                if isinstance(val, list):
+                    return [str(v) for v in val]
+                raise ValueError
+            return [p.strip() for p in s.split("|") if p.strip()] if s else []
+    except (ValueError, json.JSONDecodeError):
+        raise UserError(f"{fi.key}: expected {fi.type_name}, got {text!r}", field=fi.key) from None
+    return text

@@ -1,0 +1,163 @@
+"""Inject trainable PEFT LoRA layers into a frozen SD UNet and CLIP text encoders (lora-format.md §2.5, §11.1.5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.lora.keymap import TE_COMPONENTS
+
+UNET_ATTENTION_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                          "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+UNET_KOHYA_EXTRA = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TE_ATTENTION_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+TE_MLP_TARGETS = ("mlp.fc1", "mlp.fc2")
+
+
+@dataclass
+class LoraHandles:
+    """What the training loop and the exporter need after injection."""
+    adapter_name: str
+    unet_params: list[torch.nn.Parameter]
+    text_encoder_params: list[list[torch.nn.Parameter]]
+    #: (component, live module path, peft LoRA layer); component is "unet", "text_encoder" or "text_encoder_2"
+    modules: list[tuple[str, str, torch.nn.Module]] = field(default_factory=list)
+    peft_configs: dict = field(default_factory=dict)
+
+    def scaling_of(self, component: str, module_path: str) -> float:
+        for comp, path, layer in self.modules:
+            if comp == component and path == module_path:
+                return float(layer.scaling[self.adapter_name])
+        raise KeyError(f"{component}:{module_path} has no LoRA")
+
+    @property
+    def all_params(self) -> list[torch.nn.Parameter]:
+        return self.unet_params + [p for ps in self.text_encoder_params for p in ps]
+
+
+def _is_class(module, name: str) -> bool:
+    return type(module).__name__ == name
+
+
+def unet_target_module_names(unet, lora_cfg) -> tuple[list[str], list[str]]:
+    """(all target module paths, the subset that gets the conv rank/alpha) for a diffusers UNet."""
+    targets: list[str] = []
+    conv_targets: list[str] = []
+    wanted = UNET_ATTENTION_TARGETS + (UNET_KOHYA_EXTRA if lora_cfg.unet_targets == "kohya" else ())
+    for name, module in unet.named_modules():
+        # kohya only looks inside Transformer2DModel for the attention/ff/proj layers
+        if _is_class(module, "Transformer2DModel"):
+            for sub, child in module.named_modules():
+                if not sub or not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+                    continue
+                if sub in ("proj_in", "proj_out"):
+                    hit = "proj_in" in wanted
+                else:
+                    hit = any(sub.endswith("." + w) for w in wanted) and ".transformer_blocks." in "." + sub
+                if hit:
+                    targets.append(f"{name}.{sub}")
+        elif lora_cfg.conv_rank > 0 and _is_class(module, "ResnetBlock2D"):
+            # LoCon (§2.6): 3x3 convs at the conv rank; the Linear/1x1 layers of the block at the normal rank
+            for sub in ("conv1", "time_emb_proj", "conv2", "conv_shortcut"):
+                child = getattr(module, sub, None)
+                if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
+                    targets.append(f"{name}.{sub}")
+                    if _is_spatial_conv(child):
+                        conv_targets.append(f"{name}.{sub}")
+        elif lora_cfg.conv_rank > 0 and (_is_class(module, "Downsample2D") or _is_class(module, "Upsample2D")):
+            child = getattr(module, "conv", None)
+            if isinstance(child, torch.nn.Conv2d):
+                targets.append(f"{name}.conv")
+                if _is_spatial_conv(child):
+                    conv_targets.append(f"{name}.conv")
+    return targets, conv_targets
+
+
+def _is_spatial_conv(module) -> bool:
+    """A 3x3 (not 1x1) conv: these get the LoCon rank."""
+    return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+
+
+def text_encoder_target_module_names(text_encoder, lora_cfg) -> list[str]:
+    wanted = TE_ATTENTION_TARGETS + (TE_MLP_TARGETS if lora_cfg.text_encoder_targets == "attention_mlp" else ())
+    return [name for name, module in text_encoder.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".layers." in "." + name
+            and any(name.endswith("." + w) for w in wanted)]
+
+
+def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg):
+    from peft import LoraConfig as PeftLoraConfig
+    # kohya trains alpha 0 as alpha = rank (§2.7); doing the same keeps the file's alpha meaningful everywhere
+    alpha = lora_cfg.alpha or lora_cfg.rank
+    conv_alpha = lora_cfg.conv_alpha or lora_cfg.conv_rank
+    # exact module paths, so nothing outside the intended blocks is ever matched by a short name
+    return PeftLoraConfig(
+        r=lora_cfg.rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout, target_modules=list(targets),
+        rank_pattern={p: lora_cfg.conv_rank for p in conv_targets},
+        alpha_pattern={p: conv_alpha for p in conv_targets},
+        init_lora_weights=True)
+
+
+def iter_lora_layers(model, adapter_name: str):
+    from peft.tuners.lora import LoraLayer
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield name, module
+
+
+def _finish(model, adapter_name: str, component: str, handles_modules: list) -> list[torch.nn.Parameter]:
+    """Freeze the base, make the adapter fp32 and trainable; return its parameters in a stable order."""
+    params: list[torch.nn.Parameter] = []
+    for name, layer in iter_lora_layers(model, adapter_name):
+        for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
+            # fp32 master weights over a fp16/bf16 base (design.md §3.8)
+            sub.float()
+            for p in sub.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        handles_modules.append((component, name, layer))
+    return params
+
+
+def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool,
+                adapter_name: str = "default") -> LoraHandles:
+    """Add a LoRA adapter to the UNet (and the text encoders when trained); the base stays frozen."""
+    from peft import inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    for te in text_encoders:
+        te.requires_grad_(False)
+    modules: list = []
+    configs: dict = {}
+
+    targets, conv_targets = unet_target_module_names(unet, lora_cfg)
+    ucfg = _peft_config(targets, conv_targets, lora_cfg)
+    # diffusers' add_adapter also registers the config so set_adapters/save_lora_weights work on it
+    if hasattr(unet, "add_adapter"):
+        unet.add_adapter(ucfg, adapter_name=adapter_name)
+    else:
+        inject_adapter_in_model(ucfg, unet, adapter_name)
+    configs["unet"] = ucfg
+    unet_params = _finish(unet, adapter_name, "unet", modules)
+
+    te_params: list[list[torch.nn.Parameter]] = []
+    for i, te in enumerate(text_encoders):
+        if not train_text_encoder:
+            te_params.append([])
+            continue
+        tcfg = _peft_config(text_encoder_target_module_names(te, lora_cfg), [], lora_cfg)
+        # transformers 5's add_adapter wants peft>=0.22; peft's own injection works on any version
+        inject_adapter_in_model(tcfg, te, adapter_name)
+        configs[TE_COMPONENTS[i]] = tcfg
+        te_params.append(_finish(te, adapter_name, TE_COMPONENTS[i], modules))
+    return LoraHandles(adapter_name, unet_params, te_params, modules, configs)
+
+
+def lora_modules(unet, text_encoders: list, adapter_name: str = "default") -> list[tuple[str, str, torch.nn.Module]]:
+    """(component, live path, peft layer) of every LoRA layer of one adapter, UNet first."""
+    out = [("unet", name, layer) for name, layer in iter_lora_layers(unet, adapter_name)]
+    for i, te in enumerate(text_encoders):
+        if te is not None:
+            out += [(TE_COMPONENTS[i], name, layer) for name, layer in iter_lora_layers(te, adapter_name)]
+    return out

@@ -1,0 +1,236 @@
+"""Training data: image list, buckets, caption processing, latent and text-encoder-output caches, batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from datasets_tools.bucketing import apply_crop, bucket_batches, crop_plan, make_buckets, plan_image
+from datasets_tools.folder import collect_images
+from datasets_tools.images import ImageError, load_rgb
+
+from trainer.config import Config
+from trainer.errors import UserError
+
+
+@dataclass
+class Example:
+    """One image of the training set (repeats are applied when batches are made)."""
+    path: Path
+    caption: str
+    repeats: int
+    subset: str
+    is_reg: bool
+    size: tuple[int, int]          # original (w, h) after EXIF orientation
+    bucket: tuple[int, int]
+    crop_box: tuple[int, int, int, int]
+    resized: tuple[int, int]
+    upscaled: bool
+
+
+@dataclass
+class TrainData:
+    examples: list[Example]
+    warnings: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def train_examples(self) -> list[Example]:
+        return [e for e in self.examples if not e.is_reg]
+
+    def epoch_items(self) -> list[int]:
+        """Example indices with repeats applied (one entry per use in an epoch)."""
+        return [i for i, e in enumerate(self.examples) for _ in range(e.repeats)]
+
+    def batches(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+        items = self.epoch_items()
+        per_item = [self.examples[i].bucket for i in items]
+        return [[items[j] for j in b] for b in bucket_batches(per_item, batch_size, seed=seed, epoch=epoch)]
+
+    def stats(self) -> dict:
+        """Dataset description for the LoRA metadata (kohya's ss_dataset_dirs / ss_tag_frequency / ss_bucket_info)."""
+        dirs: dict[str, dict] = {}
+        tags: dict[str, Counter] = {}
+        for e in self.train_examples:
+            d = dirs.setdefault(e.subset, {"n_repeats": e.repeats, "img_count": 0})
+            d["img_count"] += 1
+            c = tags.setdefault(e.subset, Counter())
+            for t in (t.strip().lower() for t in e.caption.split(",")):
+                if t:
+                    c[t] += 1
+        buckets = Counter(e.bucket for e in self.train_examples)
+        bucket_info = {"buckets": {str(i): {"resolution": list(b), "count": n}
+                                   for i, (b, n) in enumerate(sorted(buckets.items()))},
+                       "mean_img_ar_error": float(np.mean([abs(e.size[0] / e.size[1] - e.bucket[0] / e.bucket[1])
+                                                           for e in self.train_examples]))}
+        reg_dirs: dict[str, dict] = {}
+        for e in self.examples:
+            if e.is_reg:
+                d = reg_dirs.setdefault(e.subset, {"n_repeats": e.repeats, "img_count": 0})
+                d["img_count"] += 1
+        return {"dataset_dirs": dirs, "tag_frequency": {k: dict(v) for k, v in tags.items()},
+                "bucket_info": bucket_info,
+                "num_train_images": sum(e.repeats for e in self.train_examples),
+                "num_reg_images": sum(e.repeats for e in self.examples if e.is_reg), "reg_dataset_dirs": reg_dirs}
+
+
+def _collect(root: str, cfg: Config, is_reg: bool, warn: Callable[[str], None]) -> tuple[list, int]:
+    key = "data.reg_dir" if is_reg else "data.dir"
+    p = Path(root).expanduser()
+    if not p.exists():
+        raise UserError(f"{key}: folder not found: {p}", field=key, path=str(p))
+    if not p.is_dir():
+        raise UserError(f"{key}: {p} is not a folder", field=key, path=str(p))
+    items, problems = collect_images(p, caption_extension=cfg.data.caption_extension,
+                                     default_caption=cfg.data.default_caption, default_repeats=cfg.data.repeats)
+    skipped = 0
+    missing = [pr for pr in problems if pr.kind == "missing_caption"]
+    for pr in problems:
+        if pr.kind != "missing_caption":
+            skipped += 1
+            warn(f"skipped {pr.path}: {pr.message}")
+    if missing:
+        fallback = f"the default caption {cfg.data.default_caption!r}" if cfg.data.default_caption else \
+            "an empty caption (set data.default_caption, e.g. your trigger word)"
+        names = ", ".join(Path(pr.path).name for pr in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        warn(f"{len(missing)} image(s) have no {cfg.data.caption_extension} caption and use {fallback}: {names}")
+    return items, skipped
+
+
+def build_data(cfg: Config, warn: Callable[[str], None]) -> TrainData:
+    """Collect images (and regularisation images), assign buckets and crops; refuse an unusable folder."""
+    items, skipped = _collect(cfg.data.dir, cfg, False, warn)
+    if not items:
+        raise UserError(f"data.dir: no usable image in {cfg.data.dir}"
+                        + (f" ({skipped} file(s) skipped, see warnings)" if skipped else ""), field="data.dir")
+    reg_items: list = []
+    if cfg.data.reg_dir:
+        reg_items, s2 = _collect(cfg.data.reg_dir, cfg, True, warn)
+        skipped += s2
+        if not reg_items:
+            raise UserError(f"data.reg_dir: no usable image in {cfg.data.reg_dir}", field="data.reg_dir")
+    d = cfg.data
+    buckets = make_buckets(d.resolution, d.min_bucket_px, d.max_bucket_px, d.bucket_step_px)
+    examples = []
+    for is_reg, group in ((False, items), (True, reg_items)):
+        for it in group:
+            # The same call as the bucket preview, so what the user saw is what is trained.
+            plan = plan_image(it.width, it.height, resolution=d.resolution, min_px=d.min_bucket_px,
+                              max_px=d.max_bucket_px, step=d.bucket_step_px, no_upscale=d.bucket_no_upscale,
+                              enable_bucket=d.enable_bucket, buckets=buckets)
+            examples.append(Example(Path(it.path), it.caption, it.repeats, it.subset, is_reg, (it.width, it.height),
+                                    tuple(plan.bucket), tuple(plan.box), tuple(plan.resized), plan.upscaled))
+    return TrainData(examples, skipped=skipped)
+
+
+def load_pixels(ex: Example, flip: bool = False) -> torch.Tensor:
+    """Decode, orient, convert, resize and crop exactly as the bucket preview shows; [-1, 1] CHW float."""
+    img = apply_crop(load_rgb(ex.path), crop_plan(ex.size[0], ex.size[1], ex.bucket))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    if flip:
+        arr = arr[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def process_caption(caption: str, cfg: Config, rng: random.Random) -> str:
+    """Caption dropout, then tag shuffle keeping the first keep_tokens tags in place."""
+    d = cfg.data
+    if d.caption_dropout > 0 and rng.random() < d.caption_dropout:
+        return ""
+    if d.shuffle_caption:
+        tags = [t.strip() for t in caption.split(",")]
+        tags = [t for t in tags if t]
+        head, tail = tags[:d.keep_tokens], tags[d.keep_tokens:]
+        rng.shuffle(tail)
+        return ", ".join(head + tail)
+    return caption
+
+
+def captions_are_static(cfg: Config) -> bool:
+    """Dropout is fine for a cache (the empty caption is cached too); shuffling is not."""
+    return not cfg.data.shuffle_caption
+
+
+# ------------------------------------------------------------------------------------------------ latents
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def vae_fingerprint(vae) -> str:
+    """Identifies the VAE for the disk cache: its config and a few weight bytes (cheap, changes with weights)."""
+    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for i, (_, p) in enumerate(vae.state_dict().items()):
+        if i % 16 == 0:
+            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+class LatentCache:
+    """Latents per (example, flip), encoded once; optionally persisted on disk keyed by content and settings."""
+
+    def __init__(self, data: TrainData, vae, *, device, dtype, disk_dir: Path | None, flip: bool):
+        self.data, self.vae, self.device, self.dtype = data, vae, device, dtype
+        self.disk_dir = disk_dir
+        self.flips = (False, True) if flip else (False,)
+        self.mem: dict[tuple[int, bool], torch.Tensor] = {}
+        self._fp = vae_fingerprint(vae) if disk_dir else ""
+
+    def _key(self, i: int, flip: bool) -> str:
+        ex = self.data.examples[i]
+        s = json.dumps([_file_digest(ex.path), ex.bucket, ex.crop_box, ex.resized, flip, self._fp])
+        return hashlib.sha256(s.encode()).hexdigest()[:32]
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float()  # the mode: deterministic, as kohya's cache effectively is at small std
+
+    def build(self, indices: list[int], progress: Callable[[int, int], None], skip: Callable[[int, str], None]):
+        """Encode every (example, flip) once; examples that fail to decode are reported through skip()."""
+        from safetensors.torch import load_file, save_file
+        todo = [(i, f) for i in indices for f in self.flips]
+        for n, (i, f) in enumerate(todo):
+            path = None
+            if self.disk_dir is not None:
+                path = self.disk_dir / f"{self._key(i, f)}.safetensors"
+                if path.exists():
+                    try:
+                        self.mem[(i, f)] = load_file(str(path))["latent"]
+                        progress(n + 1, len(todo))
+                        continue
+                    except Exception:  # a damaged cache entry is just re-made
+                        path.unlink(missing_ok=True)
+            try:
+                lat = self.encode(load_pixels(self.data.examples[i], f)[None])[0].cpu()
+            except ImageError as e:
+                msg = str(e)
+                prefix = f"{self.data.examples[i].path}: "
+                skip(i, msg[len(prefix):] if msg.startswith(prefix) else msg)
+                progress(n + 1, len(todo))
+                continue
+            self.mem[(i, f)] = lat
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file({"latent": lat.contiguous()}, str(tmp))
+                tmp.replace(path)
+            progress(n + 1, len(todo))
+
+    def get(self, i: int, flip: bool) -> torch.Tensor:
+        hit = self.mem.get((i, flip))
+        if hit is not None:
+            return hit
+        return self.encode(load_pixels(self.data.examples[i], flip)[None])[0]

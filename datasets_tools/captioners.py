@@ -13,7 +13,7 @@ from typing import Callable
 from PIL import Image
 
 from .captions import CaptionWriter, image_caption_pairs, prefix_transform
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 from .folder import Problem, check_folder, repeats_for
 from .images import ImageError, load_rgb, read_header
 
@@ -127,7 +127,7 @@ class TransformersCaptioner(Captioner):
                 config = transformers.AutoConfig.from_pretrained(model)
             except Exception as e:
                 raise DatasetError(f"cannot read a transformers model config from {model} (expected an "
-                                   f"image-to-text model folder or hub id): {_first_line(e)}", path=model,
+                                   f"image-to-text model folder or hub id): {first_line(e)}", path=model,
                                    field="--model") from None
             model_type = getattr(config, "model_type", "")
             if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
@@ -142,7 +142,7 @@ class TransformersCaptioner(Captioner):
                 self.processor = transformers.AutoProcessor.from_pretrained(model)
                 self.model = transformers.AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype)
             except Exception as e:
-                raise DatasetError(f"cannot load captioner {model}: {_first_line(e)}", path=model,
+                raise DatasetError(f"cannot load captioner {model}: {first_line(e)}", path=model,
                                    field="--model") from None
         finally:
             transformers.logging.set_verbosity(verbosity)
@@ -177,11 +177,6 @@ class TransformersCaptioner(Captioner):
 
     def describe(self) -> str:
         return f"{type(self.model).__name__} ({self.model_id}) on {self.device}"
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------- WD14 tagger
@@ -243,7 +238,7 @@ def _resolve_wd14_files(model: str) -> tuple[Path, Path]:
             csv_path = Path(hf_hub_download(model, "selected_tags.csv"))
         except Exception as e:
             raise DatasetError(f"cannot get WD14 tagger '{model}' (model.onnx + selected_tags.csv): "
-                               f"{_first_line(e)}", path=model, field="--model") from None
+                               f"{first_line(e)}", path=model, field="--model") from None
     if not csv_path.is_file():
         raise DatasetError(f"selected_tags.csv not found next to {onnx_path}", path=str(csv_path), field="--model")
     return onnx_path, csv_path
@@ -269,7 +264,7 @@ class WD14Captioner(Captioner):
         try:
             self.session = ort.InferenceSession(str(onnx_path), providers=wanted)
         except Exception as e:
-            raise DatasetError(f"cannot load ONNX model {onnx_path}: {_first_line(e)}", path=str(onnx_path),
+            raise DatasetError(f"cannot load ONNX model {onnx_path}: {first_line(e)}", path=str(onnx_path),
                                field="--model") from None
         inp = self.session.get_inputs()[0]
         shape = list(inp.shape)

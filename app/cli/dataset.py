@@ -3,25 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
-
-
-def _user_errors(fn):
-    """datasets_tools stays free of trainer imports, so its DatasetError becomes the CLI's UserError here."""
-
-    @functools.wraps(fn)
-    def wrapper(args):
-        from datasets_tools.errors import DatasetError
-        from trainer.errors import UserError
-
-        try:
-            return fn(args)
-        except DatasetError as e:
-            raise UserError(str(e), field=getattr(e, "field", None), path=getattr(e, "path", None)) from None
-    return wrapper
 
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
@@ -112,7 +96,6 @@ def _finish_scan(args, report) -> None:
         print(f"contact sheet: {args.contact_sheet}")
 
 
-@_user_errors
 def _scan(args) -> int:
     from datasets_tools.folder import check_folder
     from datasets_tools.scan import scan_folder
@@ -130,7 +113,6 @@ def _scan(args) -> int:
     return 0
 
 
-@_user_errors
 def _prepare(args) -> int:
     from datasets_tools.folder import check_folder
     from datasets_tools.scan import scan_folder
@@ -176,7 +158,6 @@ def _caption(args, root: Path) -> None:
         print(f"warning: {prob.message}", file=sys.stderr)
 
 
-@_user_errors
 def _captions(args) -> int:
     from datasets_tools import captions as C
     from datasets_tools.errors import DatasetError

@@ -25,6 +25,9 @@ def register(sub) -> None:
     i = psub.add_parser("import", help="validate a preset file and save it as a user preset")
     i.add_argument("file")
     i.add_argument("--name", help="preset name (default: the file's stem)")
+    i.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="a folder the preset's paths may point into, besides the current folder and your home "
+                        "(repeat for several)")
     i.set_defaults(func=_import)
     f = psub.add_parser("from-lora", help="rebuild the preset that made a LoRA Studio LoRA")
     f.add_argument("lora")
@@ -57,13 +60,10 @@ def _show(args) -> int:
 def _validate(args) -> int:
     from pathlib import Path
 
-    from trainer.config.presets import list_presets, validate_preset_text
+    from trainer.config.presets import list_presets, read_preset_file, validate_preset_text
     files = [Path(f) for f in args.files] or [p.path for p in list_presets()]
     for f in files:
-        if not f.is_file():
-            from trainer.errors import UserError
-            raise UserError(f"preset file not found: {f}", path=str(f))
-        validate_preset_text(f.read_text(encoding="utf-8"), str(f))
+        validate_preset_text(read_preset_file(f), str(f))
         print(f"ok  {f}")
     return 0
 
@@ -71,16 +71,10 @@ def _validate(args) -> int:
 def _import(args) -> int:
     from pathlib import Path
 
-    from trainer.config.presets import save_user_preset, validate_preset_text
-    from trainer.errors import UserError
-    f = Path(args.file)
-    if not f.is_file():
-        raise UserError(f"preset file not found: {f}", path=str(f))
-    text = f.read_text(encoding="utf-8", errors="replace")
-    cfg = validate_preset_text(text, str(f))
-    from trainer.config.presets import _summary
-    path = save_user_preset(args.name or f.stem, cfg, _summary(text) or f"Imported from {f.name}")
-    print(f"saved {path}")
+    from trainer.config.presets import import_preset
+    roots = [Path.cwd(), Path.home(), *map(Path, args.allow_root)]
+    name, path = import_preset(args.file, args.name or "", allowed_roots=roots)
+    print(f"saved '{name}' -> {path}")
     return 0
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import config as C
+from trainer.common.names import looks_like_hub_id
 from trainer.errors import UserError
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "presets"
@@ -30,7 +29,8 @@ class PresetInfo:
     summary: str         # first header line
 
 
-def _summary(text: str) -> str:
+def preset_summary(text: str) -> str:
+    """The first line of a preset's header comment."""
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("#"):
@@ -48,7 +48,7 @@ def list_presets() -> list[PresetInfo]:
         if d.is_dir():
             for p in sorted(d.glob("*.toml")):
                 try:
-                    out.append(PresetInfo(p.stem, p, source, _summary(p.read_text(encoding="utf-8"))))
+                    out.append(PresetInfo(p.stem, p, source, preset_summary(p.read_text(encoding="utf-8"))))
                 except OSError:
                     continue
     return out
@@ -85,7 +85,7 @@ def validate_preset_text(text: str, source: str = "preset", allowed_roots: list[
             if not fi.path:
                 continue
             value = data.get(fi.section, {}).get(fi.name) if isinstance(data.get(fi.section), dict) else None
-            if not value or (fi.key == "model.base" and _looks_like_hub_id(value)):
+            if not value or (fi.key == "model.base" and looks_like_hub_id(value)):
                 continue
             target = Path(value).expanduser()
             target = (target if target.is_absolute() else Path.cwd() / target).resolve()
@@ -94,8 +94,30 @@ def validate_preset_text(text: str, source: str = "preset", allowed_roots: list[
     return cfg
 
 
-def _looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value)) and not Path(value).exists()
+def read_preset_file(path: str | Path) -> str:
+    """A preset file's text: at most MAX_PRESET_BYTES, strict UTF-8, or a UserError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"preset file not found: {p}", path=str(p))
+    with open(p, "rb") as fh:
+        data = fh.read(C.MAX_PRESET_BYTES + 1)
+    if len(data) > C.MAX_PRESET_BYTES:
+        raise UserError(f"{p.name} is larger than {C.MAX_PRESET_BYTES // 1024} KiB; not a LoRA Studio preset "
+                        "(refused)", path=str(p))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{p.name} is not UTF-8 text; not a LoRA Studio preset (refused)", path=str(p)) from None
+
+
+def import_preset(path: str | Path, name: str = "", *, allowed_roots: list[Path]) -> tuple[str, Path]:
+    """The one preset import (CLI and GUI): read strictly, check keys, types, ranges, version and that every path
+    points inside ``allowed_roots``, then save it as a user preset. Returns (name, saved path)."""
+    p = Path(path)
+    text = read_preset_file(p)
+    cfg = validate_preset_text(text, p.name, allowed_roots=allowed_roots)
+    stem = re.sub(r"[^\w.-]", "-", (name or "").strip() or p.stem)[:64].strip(".-") or "imported"
+    return stem, save_user_preset(stem, cfg, preset_summary(text) or f"Imported from {p.name}")
 
 
 def preset_text(cfg: C.Config, header: str) -> str:
@@ -115,29 +137,10 @@ def save_user_preset(name: str, cfg: C.Config, header: str = "") -> Path:
     return path
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The __metadata__ of a safetensors file, read from its header only (no torch, no tensor data)."""
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("file too short")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 1024 * 1024:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-    except FileNotFoundError:
-        raise UserError(f"file not found: {p}", path=str(p)) from None
-    except (ValueError, UnicodeDecodeError, json.JSONDecodeError, struct.error) as e:
-        raise UserError(f"{p} is not a safetensors file ({e})", path=str(p)) from None
-    meta = header.get("__metadata__") or {}
-    return {str(k): str(v) for k, v in meta.items()}
-
-
 def preset_from_lora(path: str | Path) -> str:
     """Rebuild the preset that made a LoRA Studio LoRA from its embedded resolved config."""
-    meta = read_safetensors_metadata(path)
+    from trainer.common.safetensors_header import read_metadata
+    meta = read_metadata(path)
     text = meta.get("lorastudio.config")
     if not text:
         raise UserError(f"{path} was not made by LoRA Studio (no lorastudio.config in its metadata)", path=str(path))

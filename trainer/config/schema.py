@@ -8,13 +8,15 @@ import dataclasses
 import difflib
 import json
 import math
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from trainer.common.names import FAMILIES
 from trainer.errors import UserError
+from trainer.generate import limits as L
+from trainer.generate.samplers import SAMPLERS
 
 #: Version of the preset / config file format. Bump with a migration in ``_migrate``.
 PRESET_VERSION = 1
@@ -24,9 +26,13 @@ MAX_PRESET_BYTES = 64 * 1024
 
 
 def opt(default, help: str, *, choices: tuple | None = None, min: float | None = None,
-        max: float | None = None, basic: bool = False, path: bool = False):
-    """A config field with its documentation and constraints."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "basic": basic, "path": path}
+        max: float | None = None, basic: bool = False, path: bool = False, multiple_of: int | None = None,
+        label: str = ""):
+    """A field with its documentation and constraints: the one description the CLI flags, --set, the GUI
+    controls, presets and the docs are generated from. ``label`` is the words users know ("Network dim
+    (rank)"); front-ends show it beside the key."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "basic": basic, "path": path,
+            "multiple_of": multiple_of, "label": label}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,13 +44,13 @@ class ModelConfig:
     base: str = opt("", "Base model: a diffusers folder, a hub id, or a single-file .safetensors checkpoint "
                     "(SD1.5, SD2.x or SDXL).", basic=True, path=True)
     family: str = opt("auto", "Model family; 'auto' detects it from the files.",
-                      choices=("auto", "sd1", "sd2", "sdxl"))
+                      choices=("auto", *FAMILIES))
     prediction_type: str = opt("auto", "Noise target; 'auto' reads it from the model (SD2-768 models are "
                                "v_prediction).", choices=("auto", "epsilon", "v_prediction"))
     vae: str = opt("", "Optional VAE to use instead of the model's own (diffusers folder or .safetensors).",
                    path=True)
     clip_skip: int = opt(1, "Use the text encoder's N-th hidden state from the end (1 = last, 2 = the usual "
-                         "'clip skip 2' of anime models).", min=1, max=12)
+                         "'clip skip 2' of anime models).", min=1, max=L.MAX_CLIP_SKIP)
 
 
 @dataclass
@@ -140,13 +146,13 @@ class SampleConfig:
     every_steps: int = opt(0, "Generate samples every N steps (0 = off).", min=0, max=10_000_000)
     prompts: list = opt([], "Prompts for the samples (one image each).")
     negative_prompt: str = opt("", "Negative prompt for the samples.")
-    steps: int = opt(20, "Denoising steps per sample.", min=1, max=500)
-    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=50.0)
+    steps: int = opt(20, "Denoising steps per sample.", min=1, max=L.MAX_STEPS)
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=L.MAX_CFG)
     seed: int = opt(1, "Seed for the samples (the same every time so samples are comparable).",
                     min=0, max=2**32 - 1)
-    width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=4096)
-    height: int = opt(0, "Sample height in px (0 = data.resolution).", min=0, max=4096)
-    sampler: str = opt("euler", "Sampler.", choices=("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc"))
+    width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8)
+    height: int = opt(0, "Sample height in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8)
+    sampler: str = opt("euler", "Sampler.", choices=tuple(SAMPLERS))
 
 
 @dataclass
@@ -195,6 +201,8 @@ class FieldInfo:
     max: float | None
     basic: bool
     path: bool
+    multiple_of: int | None = None
+    label: str = ""
 
     @property
     def key(self) -> str:
@@ -211,14 +219,19 @@ def _field_type(section_cls, f) -> type:
     return typing.get_origin(t) or t
 
 
+def fields_of(section: str, cls: type) -> Iterator[FieldInfo]:
+    """The opt() fields of one dataclass, as FieldInfo keyed ``section.name``."""
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        m = f.metadata
+        yield FieldInfo(section, f.name, _field_type(cls, f), default, m["help"], m["choices"], m["min"],
+                        m["max"], m["basic"], m["path"], m["multiple_of"], m["label"])
+
+
 def iter_fields() -> Iterator[FieldInfo]:
     """Every config field with its documentation, in schema order."""
     for sname, scls in SECTIONS.items():
-        for f in dataclasses.fields(scls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            m = f.metadata
-            yield FieldInfo(sname, f.name, _field_type(scls, f), default, m["help"], m["choices"], m["min"],
-                            m["max"], m["basic"], m["path"])
+        yield from fields_of(sname, scls)
 
 
 FIELDS: dict[str, FieldInfo] = {fi.key: fi for fi in iter_fields()}
@@ -262,6 +275,8 @@ def check_value(fi: FieldInfo, value: Any, source: str = "") -> Any:
         raise UserError(f"{fi.key}{where}: {value} is below the minimum {fi.min:g}", field=fi.key)
     if fi.max is not None and value > fi.max:
         raise UserError(f"{fi.key}{where}: {value} is above the maximum {fi.max:g}", field=fi.key)
+    if fi.multiple_of and value % fi.multiple_of:
+        raise UserError(f"{fi.key}{where}: {value} is not a multiple of {fi.multiple_of}", field=fi.key)
     return value
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from trainer.common.cpu_alloc import is_cpu, keep_cpu_buffers
+from trainer.common.safetensors_header import read_header, read_metadata
 from trainer.errors import UserError
 from trainer.generate.prompt_syntax import LoraTag, a1111_alias, parse_lora_arg, parse_prompt
 
@@ -670,9 +671,17 @@ def find_lora(lora_dir: str | Path, name: str) -> Path | None:
         if f.stem.lower() == name.lower():
             return f
     for f in files:
-        if _metadata(f).get("ss_output_name") == name:
+        if _lora_metadata(f).get("ss_output_name") == name:
             return f
     return None
+
+
+def _lora_metadata(path: Path) -> dict:
+    """A listed file's metadata; {} for a file that is not readable (listings skip nothing, show what they can)."""
+    try:
+        return read_metadata(path)
+    except UserError:
+        return {}
 
 
 def list_loras(lora_dir: str | Path) -> list[dict]:
@@ -680,18 +689,8 @@ def list_loras(lora_dir: str | Path) -> list[dict]:
     root = Path(lora_dir)
     if not root.is_dir():
         return []
-    return [{"name": f.stem, "alias": _metadata(f).get("ss_output_name", ""), "path": str(f)}
+    return [{"name": f.stem, "alias": _lora_metadata(f).get("ss_output_name", ""), "path": str(f)}
             for f in sorted(root.rglob("*.safetensors"))]
-
-
-def _metadata(path: Path) -> dict:
-    """The safetensors header metadata only (no tensors read); {} if the file is not readable."""
-    try:
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:
-        return {}
 
 
 def make_grid(cells: list[list[Any]], row_labels: Sequence[str], col_labels: Sequence[str], *,
@@ -802,10 +801,10 @@ def inspect_lora(path: str | Path) -> dict:
             tensors += 1
     meta = dict(lora.metadata or {})
     addnet = _addnet(lora)
-    header = _header(p)  # the file's own dtypes (the reader keeps fp32 copies)
+    header = read_header(p).tensors  # the file's own dtypes (the reader keeps fp32 copies)
     if header:
-        dtypes = {_DTYPES.get(str(v.get("dtype")), str(v.get("dtype")).lower()) for v in header.values()
-                  if isinstance(v, dict) and v.get("shape")}  # weights only, not the 0-dim alphas
+        dtypes = {_DTYPES.get(v.dtype, v.dtype.lower()) for v in header.values()
+                  if v.shape}  # weights only, not the 0-dim alphas
     key_count = len(header) if header else None
     return {
         "path": str(p),
@@ -826,22 +825,6 @@ def inspect_lora(path: str | Path) -> dict:
         "skipped_keys": list(getattr(lora, "skipped", []) or []),
         "metadata": meta,
     }
-
-
-def _header(path: Path) -> dict:
-    """The safetensors JSON header (tensor names, dtypes, shapes) without reading any tensor; {} if unreadable."""
-    import json
-    import struct
-    try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            if n > 100 * 2**20:
-                return {}
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        return header if isinstance(header, dict) else {}
-    except Exception:
-        return {}
 
 
 _DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from trainer.common.names import FAMILIES
+from trainer.common.safetensors_header import header_length
 from trainer.errors import UserError
 from trainer.lora.keymap import (TE_COMPONENTS, UnetLayout, is_diffusers_unet_path, kohya_te_name, kohya_unet_name,
                      parse_ldm_path, parse_te_name, parse_unet_name, te_canonical_path)
@@ -110,10 +112,6 @@ class SavedLora:
 
 # ================================================================================================== hashing
 
-def _header_length(blob: bytes | memoryview) -> int:
-    return struct.unpack("<Q", bytes(blob[:8]))[0]
-
-
 def lora_addnet_hash(path: str | Path) -> str:
     """The "addnet" hash (= Civitai AutoV3, ``sshs_model_hash``): SHA-256 of everything after the header (§7)."""
     path = Path(path)
@@ -121,7 +119,7 @@ def lora_addnet_hash(path: str | Path) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(8)
-            n = _header_length(head) if len(head) == 8 else -1
+            n = header_length(head) if len(head) == 8 else -1
             # a bogus length would hash an empty tail: the "hash of nothing" bug (§7, ai-toolkit #130)
             if n < 2 or 8 + n > os.fstat(f.fileno()).st_size:
                 raise UserError(f"{path}: not a safetensors file (bad header length)", path=str(path))
@@ -135,7 +133,7 @@ def lora_addnet_hash(path: str | Path) -> str:
 
 def _with_metadata(blob: bytes, metadata: dict[str, str]) -> bytes:
     """Replace the metadata of an in-memory safetensors blob without touching (or re-serialising) the tensor data."""
-    n = _header_length(blob)
+    n = header_length(blob)
     header = json.loads(blob[8:8 + n])
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -167,7 +165,7 @@ def kohya_module_name(component: str, path: str, family: str, layout: UnetLayout
 
 
 def _check_family(family: str) -> None:
-    if family not in ("sd1", "sd2", "sdxl"):
+    if family not in FAMILIES:
         raise ValueError(f"family must be 'sd1', 'sd2' or 'sdxl', got {family!r}")
 
 
@@ -217,7 +215,7 @@ def save_lora(path: str | Path, unet, text_encoders: list, *, family: str, metad
     # Serialise once; the hash covers only the bytes after the header, so adding it to the metadata
     # afterwards does not change it (§11.1.7).
     blob = st_save(tensors)
-    digest = hashlib.sha256(memoryview(blob)[8 + _header_length(blob):]).hexdigest()
+    digest = hashlib.sha256(memoryview(blob)[8 + header_length(blob):]).hexdigest()
     md = dict(metadata)
     md["sshs_model_hash"] = digest
     md["modelspec.hash_sha256"] = "0x" + digest

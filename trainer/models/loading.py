@@ -20,20 +20,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.errors import UserError
+from trainer.common.names import FAMILIES, looks_like_hub_id  # noqa: F401 (FAMILIES re-exported)
+from trainer.errors import UserError, first_line
 from trainer.models import single_file
 from trainer.models.single_file import SUFFIXES, load_single_file, load_vae_file
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -111,7 +109,7 @@ def _load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
                             field="model.base", path=source)
         parts = vars(load_single_file(path, dtype=dtype, prediction_type=requested_pred,
                                       need_vae=not getattr(model_cfg, "vae", "")))
-    elif _looks_like_hub_id(source):
+    elif looks_like_hub_id(source):
         parts = _load_diffusers(source, source, dtype, local_only=False)
     else:
         raise UserError(f"{source}: no such file or folder (model.base); give a diffusers folder, a hub id "
@@ -161,13 +159,13 @@ def load_vae(source: str, *, family: str, dtype=None, scaling_factor: float | No
             return AutoencoderKL.from_pretrained(str(path), subfolder=sub or None, torch_dtype=dtype,
                                                  local_files_only=True)
         except Exception as e:
-            raise UserError(f"{source}: could not load the VAE ({_first_line(e)})", field="model.vae") from e
-    if _looks_like_hub_id(source):
+            raise UserError(f"{source}: could not load the VAE ({first_line(e)})", field="model.vae") from e
+    if looks_like_hub_id(source):
         try:
             return AutoencoderKL.from_pretrained(source, torch_dtype=dtype)
         except Exception as e:
             raise UserError(f"{source}: VAE not found locally and could not be fetched from the Hugging Face Hub "
-                            f"({_first_line(e)}); download it and set model.vae to its folder or file",
+                            f"({first_line(e)}); download it and set model.vae to its folder or file",
                             field="model.vae") from e
     raise UserError(f"{source}: no such file or folder (model.vae)", field="model.vae", path=source)
 
@@ -180,22 +178,13 @@ def detect_family(path_or_keys) -> str:
             index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
             unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UserError(f"{folder}: not a diffusers model folder ({_first_line(e)})", path=str(folder)) from e
+            raise UserError(f"{folder}: not a diffusers model folder ({first_line(e)})", path=str(folder)) from e
         te2 = index.get("text_encoder_2") or [None]
         return _family_from_diffusers(index, unet, 2 if te2[0] is not None else 1)
     return single_file.detect_family(path_or_keys)
 
 
 # ----------------------------------------------------------------------------------------------- diffusers
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(source)) and not source.lower().endswith(SUFFIXES)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def _family_from_diffusers(index: dict, unet_config, n_text_encoders: int) -> str:
@@ -217,10 +206,10 @@ def _load_diffusers(location: str, source: str, dtype, *, local_only: bool) -> d
 
     def fail(what: str, e: BaseException) -> UserError:
         if local_only:
-            return UserError(f"{source}: could not load the {what} of this diffusers folder ({_first_line(e)})",
+            return UserError(f"{source}: could not load the {what} of this diffusers folder ({first_line(e)})",
                              field="model.base", path=source)
         return UserError(f"{source}: not found locally and could not be fetched from the Hugging Face Hub "
-                         f"(offline, or no such model: {_first_line(e)}); download it and set model.base to its "
+                         f"(offline, or no such model: {first_line(e)}); download it and set model.base to its "
                          "local folder or .safetensors file", field="model.base", path=source)
 
     if local_only:

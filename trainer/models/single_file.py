@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from trainer.errors import UserError
+from trainer.common.names import CHECKPOINT_SUFFIXES
+from trainer.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ SD2_TE = "cond_stage_model.model."
 SD2_SGM_TE = "conditioner.embedders.0.model."  # SD2 saved by Stability's generative-models code
 SDXL_TE1 = "conditioner.embedders.0.transformer."
 SDXL_TE2 = "conditioner.embedders.1.model."
-SUFFIXES = (".safetensors", ".ckpt")
+SUFFIXES = CHECKPOINT_SUFFIXES
 _COMFY_V_KEY = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 
 
@@ -80,7 +81,7 @@ def _bad_file(path: Path, why: str) -> UserError:
 
 
 def _not_safetensors(path: Path, e: BaseException) -> UserError:
-    return _bad_file(path, f"not a valid .safetensors file ({_first_line(e)}); re-download or re-export it")
+    return _bad_file(path, f"not a valid .safetensors file ({first_line(e)}); re-download or re-export it")
 
 
 def read_header(path: str | Path) -> tuple[list[str], dict]:
@@ -109,11 +110,6 @@ def _check_file(path: Path) -> None:
         raise _bad_file(path, f"expected a .safetensors (or .ckpt) checkpoint, got '{path.suffix or 'no extension'}'")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
-
-
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """All tensors of a .safetensors file (or a legacy .ckpt, read with ``weights_only=True`` only)."""
     path = Path(path)
@@ -131,7 +127,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     try:  # weights_only: a .ckpt is a pickle, and a pickle can run code; this refuses anything but tensors
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise _bad_file(path, f"cannot be read safely as a weights-only .ckpt ({_first_line(e)}); "
+        raise _bad_file(path, f"cannot be read safely as a weights-only .ckpt ({first_line(e)}); "
                               "convert it to .safetensors") from e
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
@@ -455,7 +451,7 @@ def load_single_file(path: str | Path, *, dtype=None, prediction_type: str = "au
         vae = _build_vae(sd, family, path, dtype) if has_vae else None
     except (KeyError, ValueError) as e:
         raise UserError(f"{path}: looks like {family} but its layout is not one LoRA Studio can read "
-                        f"({_first_line(e)})", path=str(path)) from e
+                        f"({first_line(e)})", path=str(path)) from e
     log.info("%s: %s checkpoint, %s (%s), loaded in %.1f s", path.name, family, pred, why,
              time.perf_counter() - start)
     return SingleFileParts(family, pred, unet, vae, te, tok, sched)
@@ -475,7 +471,7 @@ def load_vae_file(path: str | Path, *, family: str, dtype=None, scaling_factor: 
         if any(k.startswith("encoder.down_blocks.") for k in sd):
             return _build_diffusers_vae(sd, family, path, dtype, scaling_factor)
     except (KeyError, ValueError) as e:
-        raise UserError(f"{path}: not a VAE layout LoRA Studio can read ({_first_line(e)})", path=str(path)) from e
+        raise UserError(f"{path}: not a VAE layout LoRA Studio can read ({first_line(e)})", path=str(path)) from e
     raise UserError(f"{path}: not a VAE file (no encoder/decoder weights; {_describe(list(sd))})", path=str(path))
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 import random
 import secrets
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -42,15 +42,16 @@ def opt(default, help: str, *, choices: tuple | None = None, min: float | None =
 class ModelConfig:
     """Base model."""
     base: str = opt("", "Base model: a diffusers folder, a hub id, or a single-file .safetensors checkpoint "
-                    "(SD1.5, SD2.x or SDXL).", basic=True, path=True)
+                    "(SD1.5, SD2.x or SDXL).", basic=True, path=True, label="Base model (pretrained model)")
     family: str = opt("auto", "Model family; 'auto' detects it from the files.",
-                      choices=("auto", *FAMILIES))
+                      choices=("auto", *FAMILIES), label="Model family")
     prediction_type: str = opt("auto", "Noise target; 'auto' reads it from the model (SD2-768 models are "
-                               "v_prediction).", choices=("auto", "epsilon", "v_prediction"))
+                               "v_prediction).", choices=("auto", "epsilon", "v_prediction"),
+                               label="Prediction type (v-parameterization)")
     vae: str = opt("", "Optional VAE to use instead of the model's own (diffusers folder or .safetensors).",
-                   path=True)
+                   path=True, label="VAE")
     clip_skip: int = opt(1, "Use the text encoder's N-th hidden state from the end (1 = last, 2 = the usual "
-                         "'clip skip 2' of anime models).", min=1, max=L.MAX_CLIP_SKIP)
+                         "'clip skip 2' of anime models).", min=1, max=L.MAX_CLIP_SKIP, label="Clip skip")
 
 
 @dataclass
@@ -58,117 +59,140 @@ class DataConfig:
     """Training images and captions."""
     dir: str = opt("", "Folder of training images (searched recursively) with same-name .txt captions. "
                    "Sub-folders named 'N_name' repeat their images N times (kohya layout).",
-                   basic=True, path=True)
+                   basic=True, path=True, label="Image folder")
     resolution: int = opt(512, "Target training resolution in pixels (bucket area is about resolution^2).",
-                          min=64, max=4096, basic=True)
-    caption_extension: str = opt(".txt", "Extension of caption files next to the images.")
+                          min=64, max=4096, basic=True, label="Max resolution")
+    caption_extension: str = opt(".txt", "Extension of caption files next to the images.", label="Caption extension")
     default_caption: str = opt("", "Caption for images without a caption file (usually the trigger word). "
-                               "Missing captions are reported as a warning.", basic=True)
-    repeats: int = opt(1, "Repeats for images not in an 'N_name' folder.", min=1, max=1000)
-    enable_bucket: bool = opt(True, "Aspect-ratio bucketing; off means every image is center-cropped square.")
-    min_bucket_px: int = opt(256, "Smallest bucket side in pixels.", min=64, max=4096)
-    max_bucket_px: int = opt(1024, "Largest bucket side in pixels.", min=64, max=8192)
-    bucket_step_px: int = opt(64, "Bucket sides are multiples of this.", choices=(8, 16, 32, 64, 128))
-    bucket_no_upscale: bool = opt(False, "Never upscale: small images get a bucket no larger than themselves.")
-    shuffle_caption: bool = opt(False, "Shuffle comma-separated caption tags each time an image is used.")
+                               "Missing captions are reported as a warning.", basic=True,
+                               label="Default caption (trigger word)")
+    repeats: int = opt(1, "Repeats for images not in an 'N_name' folder.", min=1, max=1000, label="Repeats")
+    enable_bucket: bool = opt(True, "Aspect-ratio bucketing; off means every image is center-cropped square.",
+                              label="Enable buckets")
+    min_bucket_px: int = opt(256, "Smallest bucket side in pixels.", min=64, max=4096, label="Min bucket resolution")
+    max_bucket_px: int = opt(1024, "Largest bucket side in pixels.", min=64, max=8192, label="Max bucket resolution")
+    bucket_step_px: int = opt(64, "Bucket sides are multiples of this.", choices=(8, 16, 32, 64, 128),
+                              label="Bucket resolution steps")
+    bucket_no_upscale: bool = opt(False, "Never upscale: small images get a bucket no larger than themselves.",
+                                  label="Don't upscale bucket resolution")
+    shuffle_caption: bool = opt(False, "Shuffle comma-separated caption tags each time an image is used.",
+                                label="Shuffle caption")
     keep_tokens: int = opt(0, "With shuffle: keep the first N tags (e.g. the trigger word) in place.",
-                           min=0, max=100)
-    caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.", min=0.0, max=1.0)
+                           min=0, max=100, label="Keep n tokens")
+    caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.", min=0.0, max=1.0,
+                                 label="Caption dropout")
     flip: bool = opt(False, "Random horizontal flip (both orientations are encoded and cached; do not use for "
-                     "asymmetric characters or text).")
+                     "asymmetric characters or text).", label="Flip augmentation")
     reg_dir: str = opt("", "Optional folder of regularisation (prior-preservation) images with captions; they "
                        "are mixed into every batch so the LoRA does not leak into unrelated prompts.",
-                       path=True)
-    prior_loss_weight: float = opt(1.0, "Loss weight of regularisation images.", min=0.0, max=10.0)
-    cache_latents: bool = opt(True, "Encode every image with the VAE once, before training (faster, less memory).")
+                       path=True, label="Regularisation folder")
+    prior_loss_weight: float = opt(1.0, "Loss weight of regularisation images.", min=0.0, max=10.0,
+                                   label="Prior loss weight")
+    cache_latents: bool = opt(True, "Encode every image with the VAE once, before training (faster, less memory).",
+                              label="Cache latents")
     cache_latents_to_disk: bool = opt(False, "Also keep the latent cache on disk, keyed by file content and "
-                                      "settings, so the next run skips encoding.")
+                                      "settings, so the next run skips encoding.", label="Cache latents to disk")
     cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
-                         path=True)
+                         path=True, label="Latent cache folder")
 
 
 @dataclass
 class LoraConfig:
     """What is trained."""
-    rank: int = opt(16, "LoRA rank (network dim).", min=1, max=1024, basic=True)
-    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/rank (0 = alpha equals rank, scale 1).", min=0.0, max=4096.0, basic=True)
+    rank: int = opt(16, "LoRA rank (network dim).", min=1, max=1024, basic=True, label="Network dim (rank)")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/rank (0 = alpha equals rank, scale 1).", min=0.0, max=4096.0, basic=True,
+                       label="Network alpha")
     train_text_encoder: bool = opt(True, "Also train LoRA on the text encoder(s). A new trigger word needs it: in the "
-                                   "toy-world ablations a UNet-only LoRA put its style into every prompt.", basic=True)
+                                   "toy-world ablations a UNet-only LoRA put its style into every prompt.", basic=True,
+                                   label="Train text encoder")
     unet_targets: str = opt("attention", "UNet layers: 'attention' = to_q/to_k/to_v/to_out.0 of self- and "
                             "cross-attention; 'kohya' adds ff and proj_in/proj_out (what kohya's networks.lora "
-                            "trains).", choices=("attention", "kohya"))
+                            "trains).", choices=("attention", "kohya"), label="UNet target layers")
     text_encoder_targets: str = opt("attention", "Text-encoder layers: 'attention' = q/k/v/out_proj; "
-                                    "'attention_mlp' adds fc1/fc2.", choices=("attention", "attention_mlp"))
+                                    "'attention_mlp' adds fc1/fc2.", choices=("attention", "attention_mlp"),
+                                    label="Text encoder target layers")
     conv_rank: int = opt(0, "LoCon: rank for the 3x3 convs of resnets and up/down-samplers (0 = off). Convolutions "
                          "draw spatial marks (a drop shadow in the toy world) and keep shapes intact.",
-                         min=0, max=1024)
-    conv_alpha: float = opt(1.0, "LoCon alpha for the conv layers (0 = equal to conv_rank).", min=0.0, max=4096.0)
-    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=0.9)
+                         min=0, max=1024, label="Convolution dim (LoCon)")
+    conv_alpha: float = opt(1.0, "LoCon alpha for the conv layers (0 = equal to conv_rank).", min=0.0, max=4096.0,
+                            label="Convolution alpha (LoCon)")
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=0.9, label="Network dropout")
 
 
 @dataclass
 class TrainConfig:
     """The optimisation loop."""
-    max_steps: int = opt(1000, "Number of optimizer steps.", min=1, max=10_000_000, basic=True)
-    batch_size: int = opt(1, "Images per step per process.", min=1, max=1024, basic=True)
+    max_steps: int = opt(1000, "Number of optimizer steps.", min=1, max=10_000_000, basic=True, label="Max train steps")
+    batch_size: int = opt(1, "Images per step per process.", min=1, max=1024, basic=True, label="Train batch size")
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step.",
-                                           min=1, max=1024)
+                                           min=1, max=1024, label="Gradient accumulate steps")
     learning_rate: float = opt(1e-4, "Learning rate of the UNet LoRA (Prodigy: use 1.0).",
-                               min=0.0, max=10.0, basic=True)
+                               min=0.0, max=10.0, basic=True, label="Learning rate")
     text_encoder_lr: float = opt(-1.0, "Learning rate of the text-encoder LoRA (-1 = same as learning_rate).",
-                                 min=-1.0, max=10.0)
+                                 min=-1.0, max=10.0, label="Text encoder learning rate")
     optimizer: str = opt("adamw", "Optimizer. adamw8bit needs bitsandbytes and a CUDA GPU.",
-                         choices=("adamw", "adamw8bit", "prodigy", "lion", "adafactor"), basic=True)
-    weight_decay: float = opt(0.01, "Weight decay.", min=0.0, max=1.0)
+                         choices=("adamw", "adamw8bit", "prodigy", "lion", "adafactor"), basic=True, label="Optimizer")
+    weight_decay: float = opt(0.01, "Weight decay.", min=0.0, max=1.0, label="Weight decay")
     lr_scheduler: str = opt("constant", "Learning-rate schedule (after warm-up).",
-                            choices=("constant", "linear", "cosine", "cosine_with_restarts"))
-    lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=1_000_000)
-    lr_num_cycles: int = opt(1, "Restarts for cosine_with_restarts.", min=1, max=100)
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).", min=0.0, max=1000.0)
+                            choices=("constant", "linear", "cosine", "cosine_with_restarts"), label="LR scheduler")
+    lr_warmup_steps: int = opt(0, "Linear warm-up steps.", min=0, max=1_000_000, label="LR warmup steps")
+    lr_num_cycles: int = opt(1, "Restarts for cosine_with_restarts.", min=1, max=100, label="LR number of cycles")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).", min=0.0, max=1000.0, label="Max grad norm")
     mixed_precision: str = opt("no", "Precision of the frozen base and activations; LoRA weights stay fp32.",
-                               choices=("no", "fp16", "bf16"), basic=True)
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~20-35% slower.")
+                               choices=("no", "fp16", "bf16"), basic=True, label="Mixed precision")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~20-35% slower.",
+                                       label="Gradient checkpointing")
     attention: str = opt("sdpa", "Attention kernel: PyTorch scaled_dot_product_attention or the plain path.",
-                         choices=("sdpa", "default"))
-    seed: int = opt(42, "Random seed (data order, noise, LoRA init).", min=0, max=2**32 - 1, basic=True)
+                         choices=("sdpa", "default"), label="Attention kernel")
+    seed: int = opt(42, "Random seed (data order, noise, LoRA init).", min=0, max=2**32 - 1, basic=True, label="Seed")
     noise_offset: float = opt(0.0, "Noise offset (crosslabs.org/blog/diffusion-with-offset-noise); 0.05-0.1 "
-                              "helps very dark/bright images.", min=0.0, max=1.0)
+                              "helps very dark/bright images.", min=0.0, max=1.0, label="Noise offset")
     min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (arXiv:2303.09556); 5 is typical; 0 = off.",
-                               min=0.0, max=100.0)
+                               min=0.0, max=100.0, label="Min SNR gamma")
     save_every_steps: int = opt(0, "Save an intermediate LoRA and a resumable checkpoint every N steps (0 = "
-                                "only at the end and on stop).", min=0, max=10_000_000)
-    keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (oldest are deleted).", min=1, max=1000)
+                                "only at the end and on stop).", min=0, max=10_000_000, label="Save every N steps")
+    keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (oldest are deleted).", min=1, max=1000,
+                                label="Save last N checkpoints")
 
 
 @dataclass
 class SampleConfig:
     """Preview images during training."""
-    every_steps: int = opt(0, "Generate samples every N steps (0 = off).", min=0, max=10_000_000)
-    prompts: list = opt([], "Prompts for the samples (one image each).")
-    negative_prompt: str = opt("", "Negative prompt for the samples.")
-    steps: int = opt(20, "Denoising steps per sample.", min=1, max=L.MAX_STEPS)
-    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=L.MAX_CFG)
+    every_steps: int = opt(0, "Generate samples every N steps (0 = off).", min=0, max=10_000_000,
+                           label="Sample every N steps")
+    prompts: list = opt([], "Prompts for the samples (one image each).", label="Sample prompts")
+    negative_prompt: str = opt("", "Negative prompt for the samples.", label="Sample negative prompt")
+    steps: int = opt(20, "Denoising steps per sample.", min=1, max=L.MAX_STEPS, label="Sample steps")
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=L.MAX_CFG,
+                                label="Sample CFG scale")
     seed: int = opt(1, "Seed for the samples (the same every time so samples are comparable).",
-                    min=0, max=2**32 - 1)
-    width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8)
-    height: int = opt(0, "Sample height in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8)
-    sampler: str = opt("euler", "Sampler.", choices=tuple(SAMPLERS))
+                    min=0, max=2**32 - 1, label="Sample seed")
+    width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8,
+                     label="Sample width")
+    height: int = opt(0, "Sample height in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8,
+                      label="Sample height")
+    sampler: str = opt("euler", "Sampler.", choices=tuple(SAMPLERS), label="Sample sampler")
 
 
 @dataclass
 class OutputConfig:
     """Where and how the LoRA is written."""
-    dir: str = opt("outputs", "Parent folder of runs; the run lands in <dir>/<name>/.", basic=True, path=True)
-    name: str = opt("my-lora", "Run and file name.", basic=True)
-    save_precision: str = opt("fp16", "dtype of the saved LoRA tensors.", choices=("fp16", "bf16", "fp32"))
+    dir: str = opt("outputs", "Parent folder of runs; the run lands in <dir>/<name>/.", basic=True, path=True,
+                   label="Output folder")
+    name: str = opt("my-lora", "Run and file name.", basic=True, label="Output name")
+    save_precision: str = opt("fp16", "dtype of the saved LoRA tensors.", choices=("fp16", "bf16", "fp32"),
+                              label="Save precision")
     also_diffusers: bool = opt(False, "Also write a diffusers/PEFT pytorch_lora_weights.safetensors "
-                               "(for diffusers only; A1111/ComfyUI need the kohya file).")
+                               "(for diffusers only; A1111/ComfyUI need the kohya file).",
+                               label="Also save in diffusers format")
     dataset_metadata: bool = opt(True, "Embed dataset folder names and caption tag counts (ss_tag_frequency) "
-                                 "in the LoRA; turn off for privacy.")
-    tensorboard: bool = opt(False, "Log loss and learning rate to TensorBoard under <run>/logs.")
-    author: str = opt("", "modelspec.author.")
-    description: str = opt("", "modelspec.description.")
-    trigger_phrase: str = opt("", "modelspec.trigger_phrase (shown by UIs as the activation text).")
+                                 "in the LoRA; turn off for privacy.", label="Dataset metadata in the LoRA")
+    tensorboard: bool = opt(False, "Log loss and learning rate to TensorBoard under <run>/logs.",
+                            label="TensorBoard logging")
+    author: str = opt("", "modelspec.author.", label="Author")
+    description: str = opt("", "modelspec.description.", label="Description")
+    trigger_phrase: str = opt("", "modelspec.trigger_phrase (shown by UIs as the activation text).",
+                              label="Trigger phrase")
 
 
 @dataclass

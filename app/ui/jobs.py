@@ -4,8 +4,8 @@ The GUI never trains in its own process. It writes the resolved config to ``<run
 ``python -m trainer --config <run>/config.toml [--resume] [--overwrite]`` with stdout/stderr going to
 ``<run>/train.log``. Progress comes from the trainer's ``<run>/events.jsonl`` (read incrementally), so a crash
 or an out-of-memory kill never takes the web app down, and Stop is a real signal (SIGINT: the trainer saves a
-checkpoint and exits 0). The manager is module-level state (``JOBS``): a reloaded page, or a second browser tab,
-sees the same job.
+checkpoint and exits 0). The app makes one ``JobManager`` (``app.ui.state.AppState.jobs``) for all its pages: a
+reloaded page, or a second browser tab, sees the same job.
 """
 
 from __future__ import annotations
@@ -23,24 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.train.checkpoint import list_checkpoints  # torch-free: the web app must not load torch
 
 #: Steps kept for the loss plot (older points are thinned so a long run stays cheap to draw).
 MAX_PLOT_POINTS = 2000
 LOG_TAIL_LINES = 40
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]  # where the `trainer` package lives
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    """Whether a run folder holds a resumable checkpoint.
-
-    trainer.train.checkpoint.list_checkpoints says the same but imports torch; the web app must not load torch just to
-    enable a button, so this mirrors its rule (a step-* folder with state.json and lora_state.safetensors).
-    """
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return False
-    return any((p / "state.json").is_file() and (p / "lora_state.safetensors").is_file() for p in root.glob("step-*"))
 
 
 def read_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 64 * 1024) -> list[str]:
@@ -348,10 +337,10 @@ class JobManager:
                 raise UserError(f"a training job is already running: '{busy.name}'{where}; stop it or wait for it "
                                 "to finish before starting another")
             run_dir = Path(run_dir)
-            if resume and not has_checkpoints(run_dir):
+            if resume and not list_checkpoints(run_dir):
                 raise UserError(f"nothing to resume: {run_dir} has no checkpoint yet; press Start",
                                 field="output.name")
-            if not resume and has_checkpoints(run_dir) and not overwrite:
+            if not resume and list_checkpoints(run_dir) and not overwrite:
                 raise UserError(f"output.name: {run_dir} already holds a run with checkpoints; press Resume to "
                                 "continue it, tick 'overwrite' to start over, or choose another output.name",
                                 field="output.name")
@@ -396,6 +385,3 @@ def _child_env() -> dict[str, str]:
     env["LORASTUDIO_NO_BAR"] = "1"  # one line per message in train.log instead of redrawn bars
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     return env
-
-
-JOBS = JobManager()

@@ -1,4 +1,6 @@
-"""The web app without a browser: no torch on import, the schema-generated form, checks before Start, launching."""
+"""The web app without a browser: no torch on import, the schema-generated form, checks before Start, launching.
+
+Start-up time is a benchmark (benchmarks/ui_startup.py), not a test: here only what cannot flake."""
 
 from __future__ import annotations
 
@@ -20,14 +22,14 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 def test_importing_the_app_does_not_import_torch():
-    code = "import app.ui.app, app.ui.jobs, app.demo, app.cli.ui, sys; assert 'torch' not in sys.modules, 'torch'"
+    code = "import app.ui.app, app.ui.jobs, app.ui.state, app.ui.form, app.demo, app.cli.ui, sys; assert 'torch' not in sys.modules, 'torch'"
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
 
 
 def test_form_is_the_schema_basic_fields_first():
-    from app.ui import app as ui
+    from app.ui import form as ui
     assert {fi.key for fi in ui.FORM_FIELDS} == set(C.FIELDS)
     assert len(ui.FORM_FIELDS) == len(C.FIELDS)
     n_basic = sum(fi.basic for fi in C.FIELDS.values())
@@ -35,7 +37,7 @@ def test_form_is_the_schema_basic_fields_first():
 
 
 def test_form_round_trips_every_shipped_preset():
-    from app.ui import app as ui
+    from app.ui import form as ui
     from trainer.config.presets import list_presets
     for p in list_presets():
         cfg = C.load_config(p.path)
@@ -45,7 +47,7 @@ def test_form_round_trips_every_shipped_preset():
 
 
 def test_form_errors_name_the_field():
-    from app.ui import app as ui
+    from app.ui import form as ui
     values = ui.config_to_form(C.default_config())
     keys = [fi.key for fi in ui.FORM_FIELDS]
     values[keys.index("train.max_steps")] = "abc"
@@ -61,7 +63,7 @@ def test_form_errors_name_the_field():
 
 
 def test_checks_before_start(tmp_path):
-    from app.ui import app as ui
+    from app.ui.tabs import train as ui
     cfg = C.default_config()
     errors = ui.check_before_start(cfg)
     assert "model.base" in errors and "not set" in errors["model.base"]
@@ -76,19 +78,22 @@ def test_checks_before_start(tmp_path):
     assert set(ui.check_before_start(cfg)) == {"output.name"}
 
 
-def test_loading_a_preset_keeps_the_users_paths():
-    from app.ui import app as ui
-    values = ui.config_to_form(C.default_config())
-    keys = [fi.key for fi in ui.FORM_FIELDS]
+def test_loading_a_preset_keeps_the_users_paths(tmp_path):
+    from app.ui.form import FORM_FIELDS, config_to_form
+    from app.ui.state import AppState
+    from app.ui.tabs import train as ui
+    state = AppState(tmp_path)
+    values = config_to_form(C.default_config())
+    keys = [fi.key for fi in FORM_FIELDS]
     values[keys.index("model.base")] = "/models/sd15"
     values[keys.index("data.dir")] = "/data/cats"
     values[keys.index("train.max_steps")] = "7"
-    new, note = ui.load_preset_into_form("preset:sd15-style", values)
+    new, note = ui.load_preset_into_form(state, "preset:sd15-style", values)
     assert new[keys.index("model.base")] == "/models/sd15" and new[keys.index("data.dir")] == "/data/cats"
     assert new[keys.index("train.max_steps")] == "1500"  # from the preset, not the old form
     assert "kept your model.base, data.dir" in note
     with pytest.raises(UserError, match="preset not found"):
-        ui.load_preset_into_form("preset:no-such", values)
+        ui.load_preset_into_form(state, "preset:no-such", values)
 
 
 def test_demo_pictures_and_preset(tmp_path, monkeypatch):
@@ -186,23 +191,15 @@ def _stop(proc):
         proc.kill()
 
 
-def test_lorastudio_ui_serves_the_page_fast_on_localhost_only(tmp_path):
-    """`lorastudio ui` answers within 5 s (measured from the command starting) and binds 127.0.0.1 only."""
-    proc, port, t0 = _start_ui(tmp_path)
+def test_lorastudio_ui_serves_the_page_on_localhost_only_without_torch(tmp_path):
+    """`lorastudio ui` serves the page, binds 127.0.0.1 only and has not loaded torch (how fast: benchmarks/ui_startup.py)."""
+    proc, port, _ = _start_ui(tmp_path)
     try:
         status, body = _wait(f"http://127.0.0.1:{port}/", proc)
-        elapsed = time.perf_counter() - t0
-        cpu = _cpu_seconds(proc.pid)
         assert status == 200 and "LoRA Studio" in body
-        # The server's own CPU time to get there (imports, building the page, binding) does not depend on what
-        # else runs on the machine; on this project's 2-core machines it is about 3 s (gradio's import about 2 s
-        # of it, with its stub regeneration skipped: app/ui/startup.py).
-        if cpu is not None:
-            assert cpu < 5.0, f"{cpu:.1f} s of CPU before the page was served"
-        # Wall time: other jobs on this machine's 2 cores stretch it, so the budget scales with their load.
-        load = os.getloadavg()[0] / (os.cpu_count() or 1)
-        budget = 5.0 * max(1.0, load)
-        assert elapsed < budget, f"page served after {elapsed:.1f} s (budget {budget:.1f} s at load {load:.2f}/core)"
+        maps = Path(f"/proc/{proc.pid}/maps")
+        if maps.exists():  # Linux: the libraries the server process has mapped
+            assert "libtorch" not in maps.read_text(), "the web app loaded torch before any model was asked for"
         with socket.socket() as s:  # nothing answers on the machine's other addresses
             s.settimeout(1)
             other = _other_address()
@@ -213,14 +210,6 @@ def test_lorastudio_ui_serves_the_page_fast_on_localhost_only(tmp_path):
         assert status == 403
     finally:
         _stop(proc)
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def _other_address() -> str | None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.ui.jobs import JobManager, has_checkpoints, read_tail
+from app.ui.jobs import JobManager, read_tail
+from trainer.train.checkpoint import list_checkpoints
 from trainer.errors import UserError
 
 # A stand-in for `python -m trainer`: the same events.jsonl, signals and exit codes, no torch.
@@ -92,7 +93,7 @@ def test_one_job_at_a_time_stop_and_resume(tmp_path, fake):
     v = wait_for(jm, lambda v: v.state == "stopped")
     assert v.returncode == 0 and "checkpoint was saved" in v.message and v.checkpoint.startswith("step ")
     stopped_at = v.step
-    assert has_checkpoints(run)
+    assert list_checkpoints(run)
     assert "fake trainer starting" in "\n".join(v.log_tail)
     with pytest.raises(UserError, match="no training job is running"):
         jm.stop()
@@ -178,4 +179,4 @@ def test_closing_the_app_stops_the_trainer_with_a_checkpoint(tmp_path, fake):
     wait_for(jm, lambda v: v.step >= 1)
     jm.shutdown()  # what atexit runs when `lorastudio ui` is closed (Ctrl-C or kill)
     v = jm.view()
-    assert v.state == "stopped" and has_checkpoints(run)
+    assert v.state == "stopped" and list_checkpoints(run)

@@ -1,4 +1,8 @@
-"""Captioners behind one interface (template, transformers image-to-text, WD14 ONNX tagger) and caption_folder."""
+"""Captioners behind one interface (template, transformers image-to-text, WD14 ONNX tagger) and caption_folder.
+
+The captioners are described once, in ``REGISTRY`` (name -> help, aliases, whether a model is needed):
+``lorastudio prepare --captioner`` takes its choices and help from it and the web app its dropdown
+(``CAPTIONERS``, the names in order), so a captioner added here appears in both."""
 
 from __future__ import annotations
 
@@ -15,10 +19,40 @@ from PIL import Image
 from .captions import CaptionWriter, image_caption_pairs, prefix_transform
 from .errors import DatasetError, first_line
 from .folder import Problem, check_folder, repeats_for
-from .images import ImageError, load_rgb, read_header
+from .images import ImageError, load_rgb
+from .scan import describe_skipped, unusable_files
 
-CAPTIONERS = ("template", "blip", "wd14")
+
+@dataclass(frozen=True)
+class CaptionerInfo:
+    name: str
+    help: str
+    aliases: tuple[str, ...] = ()
+    needs_model: bool = True
+
+
+REGISTRY: dict[str, CaptionerInfo] = {c.name: c for c in (
+    CaptionerInfo("template", "offline captions from a template over {trigger}, {name} (file name) and {folder}",
+                  needs_model=False),
+    CaptionerInfo("blip", "any transformers image-to-text model (BLIP, BLIP-2, GIT, ...): a folder or hub id",
+                  aliases=("blip2", "git", "transformers")),
+    CaptionerInfo("wd14", "a WD14 booru tagger (model.onnx + selected_tags.csv): a folder, .onnx file or hub id",
+                  aliases=("wd", "tagger")),
+)}
+#: The captioner names, in menu order (``choices=list(CAPTIONERS)``; ``CAPTIONERS[0]`` is the default).
+CAPTIONERS: tuple[str, ...] = tuple(REGISTRY)
+#: Where a captioner model runs.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 Progress = Callable[[int, int], None]
+
+
+def captioner_name(name: str | None) -> str:
+    """The registry name for a name or alias ('BLIP2' -> 'blip'); a one-line DatasetError for anything else."""
+    low = (name or "").strip().lower()
+    for info in REGISTRY.values():
+        if low == info.name or low in info.aliases:
+            return info.name
+    raise DatasetError(f"unknown captioner '{name}'; choose one of {', '.join(CAPTIONERS)}", field="--captioner")
 
 
 class Captioner:
@@ -347,14 +381,12 @@ def _norm(tag: str) -> str:
 
 def check_captioner_args(name: str, model: str | None) -> None:
     """Cheap checks (no model loading) so a bad --model fails before any other work."""
-    name = (name or "").lower()
-    if name not in ("template", "blip", "blip2", "git", "transformers", "wd14", "wd", "tagger"):
-        raise DatasetError(f"unknown captioner '{name}'; choose one of {', '.join(CAPTIONERS)}", field="--captioner")
-    if name == "template":
+    kind = captioner_name(name)
+    if not REGISTRY[kind].needs_model:
         return
-    model = _check_model_path(model, name)
+    model = _check_model_path(model, (name or "").lower())
     p = Path(model)
-    if name in ("wd14", "wd", "tagger"):
+    if kind == "wd14":
         if p.exists():
             _resolve_wd14_files(model)
     elif p.is_dir() and not (p / "config.json").is_file():
@@ -364,14 +396,12 @@ def check_captioner_args(name: str, model: str | None) -> None:
 
 def get_captioner(name: str, model: str | None = None, **opts) -> Captioner:
     """Captioner by name: 'template' (offline), 'blip' (transformers image-to-text), 'wd14' (ONNX tagger)."""
-    name = (name or "").lower()
-    if name == "template":
+    kind = captioner_name(name)
+    if kind == "template":
         return TemplateCaptioner(**opts)
-    if name in ("blip", "blip2", "git", "transformers"):
+    if kind == "blip":
         return TransformersCaptioner(model, **opts)
-    if name in ("wd14", "wd", "tagger"):
-        return WD14Captioner(model, **opts)
-    raise DatasetError(f"unknown captioner '{name}'; choose one of {', '.join(CAPTIONERS)}", field="--captioner")
+    return WD14Captioner(model, **opts)
 
 
 # ----------------------------------------------------------------------------------------------- folder
@@ -379,40 +409,60 @@ def get_captioner(name: str, model: str | None = None, **opts) -> Captioner:
 class CaptionRun:
     written: list[str] = field(default_factory=list)  # caption files written (relative to root)
     kept: list[str] = field(default_factory=list)  # existing captions left alone (no overwrite)
-    failed: list[Problem] = field(default_factory=list)  # images that could not be read
+    skipped: list[Problem] = field(default_factory=list)  # unusable images (the scan's verdict): no caption
     backup: str | None = None
+
+    @property
+    def failed(self) -> list[Problem]:
+        """The skipped images (the older name, which front-ends read)."""
+        return self.skipped
 
     def summary(self) -> str:
         text = f"captioned {len(self.written)} image(s), kept {len(self.kept)} existing caption(s)"
-        if self.failed:
-            text += f", skipped {len(self.failed)} unreadable image(s)"
         if self.backup:
             text += f"; backup: {self.backup}"
+        if self.skipped:
+            text += "; " + describe_skipped(self.skipped)
         return text
+
+
+def caption_todo(root: str | os.PathLike, *, overwrite: bool = False, caption_extension: str = ".txt",
+                 unusable: dict[str, Problem] | None = None) -> tuple[list[tuple[Path, Path]], CaptionRun]:
+    """(image, caption file) pairs a captioning run would write, and a CaptionRun holding what it keeps and
+    skips. Unusable images (``scan.unusable_files``, the scan's own verdict; pass it when already known) are
+    skipped before anything else, so they get no caption even with overwrite."""
+    root = check_folder(root).resolve()
+    if unusable is None:
+        unusable = unusable_files(root, caption_extension=caption_extension)
+    run = CaptionRun()
+    todo = []
+    for img, cap in image_caption_pairs(root, caption_extension):
+        bad = unusable.get(img.relative_to(root).as_posix())
+        if bad is not None:
+            run.skipped.append(bad)
+        elif cap.exists() and not overwrite:
+            run.kept.append(cap.relative_to(root).as_posix())
+        else:
+            todo.append((img, cap))
+    return todo, run
 
 
 def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: str | None = None,
                    overwrite: bool = False, batch_size: int = 8, progress: Progress | None = None,
-                   caption_extension: str = ".txt") -> CaptionRun:
-    """Caption every image under root that has no caption (all of them with overwrite).
+                   caption_extension: str = ".txt", unusable: dict[str, Problem] | None = None) -> CaptionRun:
+    """Caption every usable image under root that has no caption (all of them with overwrite).
 
-    Written batch by batch (a crash keeps finished batches), atomically, under one backup so one undo
-    reverts the run. The trigger goes first in each caption. ``progress(done, total)`` replaces the
-    terminal progress bar (the GUI passes one).
+    Images the scan calls unusable (truncated, empty, not an image, unreadable) get no caption and are listed
+    in the run's ``skipped`` (and its summary). Written batch by batch (a crash keeps finished batches),
+    atomically, under one backup so one undo reverts the run. The trigger goes first in each caption.
+    ``progress(done, total)`` replaces the terminal progress bar (the GUI passes one).
     """
     root = check_folder(root).resolve()
     if batch_size < 1:
         raise DatasetError(f"batch size must be at least 1, got {batch_size}", field="--batch-size")
     if isinstance(captioner, TemplateCaptioner) and captioner.root is None:
         captioner.root = root  # {folder} then means the dataset sub-set ('10_zxq' -> 'zxq'), as in the CLI
-    pairs = image_caption_pairs(root, caption_extension)
-    run = CaptionRun()
-    todo = []
-    for img, cap in pairs:
-        if cap.exists() and not overwrite:
-            run.kept.append(cap.relative_to(root).as_posix())
-        else:
-            todo.append((img, cap))
+    todo, run = caption_todo(root, overwrite=overwrite, caption_extension=caption_extension, unusable=unusable)
     writer = CaptionWriter(root, operation=f"caption with {captioner.name}")
     writer.check({cap.parent for _, cap in todo})  # fail on a read-only folder before the slow part
     add_trigger = prefix_transform(trigger) if trigger and trigger.strip() else None
@@ -428,15 +478,13 @@ def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: st
             chunk = todo[start:start + batch_size]
             images, paths, caps = [], [], []
             for img, cap in chunk:
-                try:
-                    if captioner.needs_pixels:
+                if captioner.needs_pixels:
+                    try:  # the scan's header-and-tail check passed; a decode can still find a broken middle
                         images.append(load_rgb(img))
-                    else:
-                        read_header(img)  # no pixels needed, but a broken file must not get a caption
-                except ImageError as e:
-                    run.failed.append(Problem(img.relative_to(root).as_posix(), e.reason.replace(" ", "_"),
-                                              str(e)))
-                    continue
+                    except ImageError as e:
+                        rel = img.relative_to(root).as_posix()
+                        run.skipped.append(Problem(rel, e.reason.replace(" ", "_"), f"{rel}: {e.reason}"))
+                        continue
                 paths.append(img)
                 caps.append(cap)
             texts = captioner.caption_batch(images, paths) if paths else []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import DatasetError
-from .folder import caption_path, check_folder, is_image_file, read_caption, repeats_for, walk_files
+from .folder import Problem, caption_path, check_folder, is_image_file, read_caption, repeats_for, walk_files
 
 BACKUP_DIR = ".lorastudio_backup"
 _MANIFEST = "manifest.json"
@@ -154,8 +154,11 @@ class EditResult:
     created: list[str] = field(default_factory=list)  # caption files that did not exist before
     deleted: list[str] = field(default_factory=list)  # only undo deletes: files an edit had created
     backup: str | None = None  # backup folder, None when nothing changed
+    skipped: list[Problem] = field(default_factory=list)  # images the scan calls unusable: captions left alone
 
     def summary(self) -> str:
+        from .scan import describe_skipped
+
         parts = [f"{self.operation}: {len(self.changed)} caption(s) changed"]
         if self.created:
             parts.append(f"{len(self.created)} created")
@@ -164,6 +167,8 @@ class EditResult:
         text = ", ".join(parts)
         if self.backup:
             text += f" (backup: {self.backup}; undo with `lorastudio captions DIR --undo`)"
+        if self.skipped:
+            text += "; " + describe_skipped(self.skipped)
         return text
 
 
@@ -319,10 +324,20 @@ def edit_captions(root: str | os.PathLike, transforms: list[Transform], *, opera
 
     create_missing: images without a caption file get one when the transforms produce text from "".
     dry_run: report what would change, write nothing.
+    Images the scan calls unusable (truncated, empty, not an image) are skipped, caption and all, and listed
+    in ``skipped``: the trainer would not use them, so an edit must not create or change their captions.
     """
+    from .scan import unusable_files
+
     root = check_folder(root).resolve()
+    unusable = unusable_files(root, caption_extension=caption_extension)
     texts: dict[Path, str] = {}
-    for _, cap in image_caption_pairs(root, caption_extension):
+    skipped: list[Problem] = []
+    for img, cap in image_caption_pairs(root, caption_extension):
+        bad = unusable.get(img.relative_to(root).as_posix())
+        if bad is not None:
+            skipped.append(bad)
+            continue
         if cap.is_file():
             try:
                 old = read_caption(cap)
@@ -341,8 +356,10 @@ def edit_captions(root: str | os.PathLike, transforms: list[Transform], *, opera
     if dry_run:
         pairs = sorted((p.relative_to(root).as_posix(), p) for p in texts)
         return EditResult(f"{operation} (dry run)", changed=[r for r, _ in pairs],
-                          created=[r for r, p in pairs if not p.exists()])
-    return apply_caption_texts(root, texts, operation=operation)
+                          created=[r for r, p in pairs if not p.exists()], skipped=skipped)
+    result = apply_caption_texts(root, texts, operation=operation)
+    result.skipped = skipped
+    return result
 
 
 def add_prefix(root, prefix: str, *, caption_extension: str = ".txt", create_missing: bool = True,

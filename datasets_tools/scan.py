@@ -67,8 +67,16 @@ class ScanReport:
     def counts(self) -> dict[str, int]:
         return dict(sorted(Counter(p.kind for p in self.problems).items()))
 
+    def unusable(self) -> dict[str, Problem]:
+        """Files the trainer skips (relative path -> the problem that says why): the scan's verdict."""
+        out: dict[str, Problem] = {}
+        for p in self.problems:
+            if p.kind in ERROR_KINDS:
+                out.setdefault(p.path, p)
+        return out
+
     def usable_images(self) -> list[ImageRecord]:
-        bad = {p.path for p in self.problems if p.kind in ERROR_KINDS}
+        bad = self.unusable()
         return [r for r in self.images if r.path not in bad]
 
     def to_dict(self) -> dict:
@@ -288,6 +296,30 @@ def scan_folder(root: str | os.PathLike, *, resolution: int = 512, min_px: int =
     if progress:
         progress(total, total, "done")
     return report
+
+
+def unusable_files(root: str | os.PathLike, *, caption_extension: str = ".txt",
+                   full_decode: bool = False) -> dict[str, Problem]:
+    """The files of root that the scan calls unusable (truncated, empty, not an image, unreadable), relative path
+    -> Problem.
+
+    Captioning and caption edits ask this, so a file gets a caption exactly when the scan (and therefore the
+    trainer) would use it: there is one verdict, not a second check. Duplicate searches are off: they never
+    make a file unusable.
+    """
+    report = scan_folder(root, caption_extension=caption_extension, exact_duplicates=False, near_duplicates=False,
+                         full_decode=full_decode)
+    return report.unusable()
+
+
+def describe_skipped(skipped: list[Problem], max_files: int = 10) -> str:
+    """'skipped 2 unusable files: cut.png (truncated), empty.jpg (empty)' for a summary line; '' for none."""
+    if not skipped:
+        return ""
+    names = [f"{p.path} ({p.kind.replace('_', ' ')})" for p in skipped[:max_files]]
+    more = f", and {len(skipped) - max_files} more" if len(skipped) > max_files else ""
+    return (f"skipped {len(skipped)} unusable file{'s' if len(skipped) != 1 else ''}: "
+            + ", ".join(names) + more)
 
 
 _KIND_TITLES = {

@@ -7,17 +7,19 @@ import json
 import sys
 from pathlib import Path
 
+from app.cli.flags import add_field_flag
+from datasets_tools.captioners import CAPTIONERS, DEVICE_CHOICES, REGISTRY
+from trainer.config import FIELDS
+
 
 def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="dataset folder (searched recursively; 'N_name' sub-folders repeat N times)")
-    g = p.add_argument_group("buckets (same meaning as the data.* config keys)")
-    g.add_argument("--resolution", type=int, default=512, help="target resolution; bucket area ~ resolution^2")
-    g.add_argument("--min-bucket-px", type=int, default=256, help="smallest bucket side")
-    g.add_argument("--max-bucket-px", type=int, default=1024, help="largest bucket side")
-    g.add_argument("--bucket-step-px", type=int, default=64, help="bucket sides are multiples of this")
-    g.add_argument("--no-upscale", action="store_true", help="small images get a bucket no larger than themselves")
-    g.add_argument("--batch-size", type=int, default=1, help="training batch size (warns about smaller buckets)")
-    p.add_argument("--caption-extension", default=".txt", help="caption file extension (default .txt)")
+    g = p.add_argument_group("buckets (the data.* config keys: same type, default and range)")
+    for key in ("data.resolution", "data.min_bucket_px", "data.max_bucket_px", "data.bucket_step_px"):
+        add_field_flag(g, FIELDS[key])
+    add_field_flag(g, FIELDS["data.bucket_no_upscale"], "--no-upscale")
+    add_field_flag(g, FIELDS["train.batch_size"], note="warns about buckets with fewer samples")
+    add_field_flag(p, FIELDS["data.caption_extension"])
     p.add_argument("--report", metavar="JSON", help="write the full report (every image, problem and crop) here")
     p.add_argument("--contact-sheet", metavar="PNG", help="draw every image with its bucket and crop box here")
     p.add_argument("--no-near-duplicates", action="store_true",
@@ -31,8 +33,9 @@ def register(sub) -> None:
                                    "no caption, and report problems, buckets and crops.")
     _add_scan_args(p)
     c = p.add_argument_group("captioning")
-    c.add_argument("--captioner", choices=["template", "blip", "wd14"],
-                   help="caption images without a caption file (all of them with --overwrite)")
+    c.add_argument("--captioner", choices=CAPTIONERS,
+                   help="caption images without a caption file (all of them with --overwrite); "
+                        + "; ".join(f"{c.name}: {c.help}" for c in REGISTRY.values()).replace("%", "%%"))
     c.add_argument("--model", help="captioner model: a local folder/file or a hub id (blip, wd14)")
     c.add_argument("--trigger", help="trigger word put first in every new caption")
     c.add_argument("--overwrite", action="store_true", help="replace existing captions (they are backed up)")
@@ -44,7 +47,7 @@ def register(sub) -> None:
     c.add_argument("--keep-underscores", action="store_true", help="wd14: keep booru underscores in tags")
     c.add_argument("--prompt", help="blip: text prompt for conditional captioning")
     c.add_argument("--max-new-tokens", type=int, default=40, help="blip: caption length limit")
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="captioner device")
+    c.add_argument("--device", default=DEVICE_CHOICES[0], choices=DEVICE_CHOICES, help="captioner device")
     p.set_defaults(func=_prepare)
 
     s = sub.add_parser("scan", help="scan a dataset folder and report buckets and problems (read-only)")
@@ -67,7 +70,7 @@ def register(sub) -> None:
     e.add_argument("--stats-json", metavar="JSON", help="write {folder: {tag: count}} (kohya ss_tag_frequency)")
     e.add_argument("--undo", action="store_true", help="restore the captions saved by the last edit")
     e.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
-    e.add_argument("--caption-extension", default=".txt")
+    add_field_flag(e, FIELDS["data.caption_extension"])
     e.set_defaults(func=_captions)
 
 
@@ -129,17 +132,21 @@ def _prepare(args) -> int:
 
 
 def _caption(args, root: Path) -> None:
-    from datasets_tools.captioners import caption_folder, check_captioner_args, get_captioner
-    from datasets_tools.captions import ensure_writable, image_caption_pairs
+    from datasets_tools.captioners import caption_folder, caption_todo, check_captioner_args, get_captioner
+    from datasets_tools.captions import ensure_writable
+    from datasets_tools.scan import describe_skipped, unusable_files
 
     check_captioner_args(args.captioner, args.model)
-    pairs = image_caption_pairs(root, args.caption_extension)
-    todo = [cap for _, cap in pairs if args.overwrite or not cap.exists()]
+    # The scan's own verdict, asked once: unusable files (truncated, empty, not an image) get no caption.
+    unusable = unusable_files(root, caption_extension=args.caption_extension)
+    todo, planned = caption_todo(root, overwrite=args.overwrite, caption_extension=args.caption_extension,
+                                 unusable=unusable)
     if not todo:
-        print("every image already has a caption (use --overwrite to replace them)")
+        print("every usable image already has a caption (use --overwrite to replace them)"
+              + (f"; {describe_skipped(planned.skipped)}" if planned.skipped else ""))
         return
     # A read-only folder must fail now, not after minutes of model loading and captioning.
-    ensure_writable({c.parent for c in todo} | {root})
+    ensure_writable({c.parent for _, c in todo} | {root})
     if args.captioner == "template":
         cap = get_captioner("template", template=args.template, trigger=args.trigger, root=root)
     elif args.captioner == "wd14":
@@ -152,10 +159,9 @@ def _caption(args, root: Path) -> None:
                             device=args.device)
     print(f"captioning {len(todo)} image(s) with {cap.describe()}", file=sys.stderr)
     run = caption_folder(root, cap, trigger=args.trigger, overwrite=args.overwrite,
-                         batch_size=args.caption_batch_size, caption_extension=args.caption_extension)
+                         batch_size=args.caption_batch_size, caption_extension=args.caption_extension,
+                         unusable=unusable)
     print(run.summary())
-    for prob in run.failed:
-        print(f"warning: {prob.message}", file=sys.stderr)
 
 
 def _captions(args) -> int:

@@ -6,20 +6,33 @@ import json
 import random
 import sys
 
-SAMPLER_CHOICES = ("euler", "euler_a", "dpmpp_2m_karras", "ddim", "unipc")
+from app.cli.flags import add_field_flag, range_text
+from trainer.generate.settings import DTYPE_CHOICES, FAMILY_CHOICES, GENERATE_FIELDS, GRID_FIELDS
+
+#: The flag of every generation setting (the settings' own names, except where the CLI has always said otherwise).
+GENERATE_FLAGS = {name: "--" + name.replace("_", "-") for name in GENERATE_FIELDS} | {"guidance_scale": "--cfg"}
+GRID_FLAGS = {name: "--" + name.replace("_", "-") for name in GRID_FIELDS}
+#: Settings each command takes (grid makes one picture per cell: no --batch, its rows are --seeds).
+_IMAGE_SETTINGS = ("negative", "steps", "guidance_scale", "width", "height", "sampler")
+
+
+def _setting(p, name: str, **kw) -> None:
+    fields, flags = (GENERATE_FIELDS, GENERATE_FLAGS) if name in GENERATE_FIELDS else (GRID_FIELDS, GRID_FLAGS)
+    add_field_flag(p, fields[name], flags[name], dest=name, **kw)
 
 
 def register(sub) -> None:
     g = sub.add_parser("generate", help="generate images with a base model and any number of LoRAs",
                        description="Generate images with several LoRAs mixed by weight. LoRAs come from --lora "
                                    "FILE:WEIGHT (also FILE:TE:UNET) and from A1111 tags in the prompt "
-                                   "(<lora:name:0.8>, names looked up in --lora-dir). Fused by default.")
+                                   "(<lora:name:0.8>, names looked up in --lora-dir). Fused by default. Every "
+                                   "setting and its range: docs/generate.md.")
     _model_args(g)
     _lora_args(g)
     _image_args(g)
     g.add_argument("--prompt", required=True, help="prompt; may contain <lora:name:weight> tags")
-    g.add_argument("--seed", type=int, default=-1, help="seed of the first image (image i uses seed+i; -1 = random)")
-    g.add_argument("--batch", type=int, default=1, help="images to generate")
+    _setting(g, "seed", default=-1, allowed=(-1,), note="-1 = random")
+    _setting(g, "batch")
     g.add_argument("--out", default="output.png", help="PNG to write; with --batch N, <stem>-<seed>.png each")
     g.set_defaults(func=_generate)
 
@@ -34,9 +47,9 @@ def register(sub) -> None:
     _image_args(r)
     r.add_argument("--prompt", default="", help="prompt (weight x seed and checkpoint grids)")
     r.add_argument("--prompts", nargs="+", help="prompts for a prompt x LoRA grid")
-    r.add_argument("--weights", default="0,0.5,1", help="comma-separated LoRA weights (columns)")
-    r.add_argument("--seeds", default="1", help="comma-separated seeds (rows of a weight x seed grid; else the "
-                                                "first is used)")
+    _setting(r, "weights", note="columns")
+    _setting(r, "seeds", note="rows of a weight x seed grid; other grids use the first")
+    _setting(r, "max_cells")
     r.add_argument("--checkpoints", metavar="RUN_DIR", help="a training run folder: compare its saved LoRAs")
     r.add_argument("--out", default="grid.png", help="PNG to write")
     r.set_defaults(func=_grid)
@@ -47,14 +60,20 @@ def register(sub) -> None:
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
     i.set_defaults(func=_inspect)
 
+    k = sub.add_parser("settings", help="every generation setting: flag, GUI label, type, default, range",
+                       description="The settings of `generate`, `grid` and the Generate tab, from the one "
+                                   "description both front-ends use (docs/generate.md is this with --markdown).")
+    k.add_argument("--markdown", action="store_true")
+    k.set_defaults(func=_settings)
+
 
 def _model_args(p) -> None:
     p.add_argument("--model", required=True, help="base model: diffusers folder, hub id or single-file checkpoint")
-    p.add_argument("--family", default="auto", choices=("auto", "sd1", "sd2", "sdxl"), help="model family")
+    p.add_argument("--family", default=FAMILY_CHOICES[0], choices=FAMILY_CHOICES, help="model family")
     p.add_argument("--vae", default="", help="optional VAE replacing the model's own")
-    p.add_argument("--clip-skip", type=int, default=1, help="CLIP skip (1 = last layer, 2 = penultimate)")
+    _setting(p, "clip_skip")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+    p.add_argument("--dtype", default=DTYPE_CHOICES[0], choices=DTYPE_CHOICES,
                    help="model dtype (auto: fp16 on GPU, fp32 on CPU)")
 
 
@@ -71,12 +90,26 @@ def _lora_args(p) -> None:
 
 
 def _image_args(p) -> None:
-    p.add_argument("--negative", default="", help="negative prompt")
-    p.add_argument("--steps", type=int, default=20, help="denoising steps")
-    p.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale")
-    p.add_argument("--width", type=int, default=512, help="width in px (multiple of 8)")
-    p.add_argument("--height", type=int, default=512, help="height in px (multiple of 8)")
-    p.add_argument("--sampler", default="euler", choices=SAMPLER_CHOICES, help="sampler")
+    for name in _IMAGE_SETTINGS:
+        _setting(p, name)
+
+
+def settings_table(markdown: bool = False) -> str:
+    """Every generation setting with its flag, GUI label, type, default and range: ``lorastudio settings`` and
+    docs/generate.md (a test keeps the file equal to this)."""
+    rows = []
+    for fields, flags, where in ((GENERATE_FIELDS, GENERATE_FLAGS, "generate"), (GRID_FIELDS, GRID_FLAGS, "grid")):
+        for name, fi in fields.items():
+            cmds = ("generate" if name in ("seed", "batch") else "generate, grid") if where == "generate" else "grid"
+            rows.append((name, flags[name], fi.label, cmds, fi.type_name, repr(fi.default) if fi.type is str
+                         else f"{fi.default:g}" if fi.type is float else str(fi.default), range_text(fi), fi.help))
+    if markdown:
+        out = ["| setting | flag | GUI label | commands | type | default | range / choices | help |",
+               "|---|---|---|---|---|---|---|---|"]
+        out += [f"| `{n}` | `{f}` | {lab} | {c} | {t} | `{d}` | {r} | {h} |" for n, f, lab, c, t, d, r, h in rows]
+        return "\n".join(out)
+    return "\n".join(f"  {f:<14} {lab:<16} {t:<5} default {d:<10} {('[' + r + ']') if r else ''}\n      {h}"
+                     for n, f, lab, c, t, d, r, h in rows)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -140,7 +173,6 @@ def _load_generator(args, lora_dir):
     import torch
 
     from trainer.config import ModelConfig
-    from trainer.errors import UserError
     from trainer.generate.engine import Generator
     from trainer.models.loading import load_base_model
 
@@ -150,8 +182,6 @@ def _load_generator(args, lora_dir):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    if not 1 <= args.clip_skip <= 12:
-        raise UserError(f"--clip-skip {args.clip_skip}: must be between 1 and 12")
     cfg = ModelConfig(base=args.model, family=args.family, vae=args.vae, clip_skip=args.clip_skip)
     _quiet_loading()
     base = load_base_model(cfg, dtype=dtype, device=device)
@@ -170,20 +200,16 @@ def _quiet_loading() -> None:
 
 
 def _image_kwargs(args) -> dict:
-    return dict(steps=args.steps, guidance_scale=args.cfg, width=args.width, height=args.height,
+    return dict(steps=args.steps, guidance_scale=args.guidance_scale, width=args.width, height=args.height,
                 sampler=args.sampler, clip_skip=args.clip_skip)
 
 
 def _generate(args) -> int:
-    from trainer.errors import UserError
-    from trainer.generate.engine import check_image_size, save_image
+    from trainer.generate.engine import save_image
 
-    out = _check_out(args.out)
-    check_image_size(args.width, args.height, args.steps, args.batch)
-    if args.batch > 64:
-        raise UserError(f"--batch {args.batch}: at most 64 images per call")
+    out = _check_out(args.out)  # the settings were checked while the flags were read (app.cli.flags)
     specs, lora_dir = _prepare(args, [args.prompt])
-    seed = args.seed if args.seed >= 0 else random.randrange(2**31)
+    seed = random.randrange(2**31) if args.seed == -1 else args.seed
     gen = _load_generator(args, lora_dir)
     gen.set_loras(specs, mode="unfused" if args.no_fuse else "fused")
     images = gen.generate(args.prompt, args.negative, seed=seed, batch_size=args.batch, **_image_kwargs(args))
@@ -197,26 +223,25 @@ def _generate(args) -> int:
 
 def _grid(args) -> int:
     from trainer.errors import UserError
-    from trainer.generate.engine import check_image_size, list_checkpoints, save_image
+    from trainer.generate.engine import list_lora_saves, save_image
+    from trainer.generate.settings import check, check_grid_size
 
     out = _check_out(args.out)
-    check_image_size(args.width, args.height, args.steps, 1)
     weights = _numbers(args.weights, "weights")
-    seeds = _numbers(args.seeds, "seeds", int)
+    seeds = [check("seed", s, "--seeds") for s in _numbers(args.seeds, "seeds", int)]
     prompts = args.prompts or []
     if args.checkpoints and prompts:
         raise UserError("grid: use either --checkpoints or --prompts, not both")
     if not prompts and not args.prompt:
         raise UserError("grid: give --prompt (or --prompts for a prompt x LoRA grid)")
-    files = list_checkpoints(args.checkpoints) if args.checkpoints else []
+    files = list_lora_saves(args.checkpoints) if args.checkpoints else []
     specs, lora_dir = _prepare(args, prompts or [args.prompt])
     if not args.checkpoints and not prompts and not specs:
         raise UserError("grid: give --lora NAME for a weight x seed grid (or --checkpoints / --prompts)")
     if prompts and not specs:
         raise UserError("grid: a prompt x LoRA grid needs at least one --lora")
     cells = (len(files) or len(prompts) or len(seeds)) * (len(weights) if not prompts else len(specs) + 1)
-    if cells > 400:
-        raise UserError(f"grid: {cells} images is too many for one grid (at most 400)")
+    check_grid_size(cells, args.max_cells)
     gen = _load_generator(args, lora_dir)
     mode = "unfused" if args.no_fuse else "fused"
     kw = _image_kwargs(args)
@@ -231,6 +256,11 @@ def _grid(args) -> int:
         result = gen.grid_weight_seed(specs[0], weights, seeds, args.prompt, args.negative, **kw)
     save_image(result.image, out)
     print(f"wrote {out} ({len(result.row_labels)} rows x {len(result.col_labels)} columns)")
+    return 0
+
+
+def _settings(args) -> int:
+    print(settings_table(markdown=args.markdown))
     return 0
 
 

@@ -425,6 +425,7 @@ class Generator:
                  on_step: Callable[[int, int], None] | None = None) -> list:
         """Images (PIL) for one prompt; image i uses seed + i. `<lora:...>` tags in the prompt are applied on top
         of `set_loras`. Each image carries its A1111 `parameters` text in `image.info["parameters"]`."""
+        check_image_size(width, height, steps, int(batch_size))
         return self._generate(prompt, negative_prompt, [seed + i for i in range(int(batch_size))], steps=steps,
                               guidance_scale=guidance_scale, width=width, height=height, sampler=sampler,
                               clip_skip=clip_skip, on_step=on_step)
@@ -433,7 +434,9 @@ class Generator:
                   width: int, height: int, sampler: str, clip_skip: int | None = None,
                   on_step: Callable[[int, int], None] | None = None, extra: dict | None = None) -> list:
         import torch
-        check_image_size(width, height, steps, len(seeds))
+        check_image_size(width, height, steps)
+        if not seeds:
+            raise UserError("batch: no images asked for (give at least one seed)", field="batch")
         with self._lock:
             text, from_prompt = self.resolve_prompt(prompt)
             active = self._explicit + from_prompt
@@ -509,7 +512,7 @@ class Generator:
 
     def grid_checkpoint_weight(self, checkpoints: Sequence[str | Path], weights: Sequence[float], prompt: str,
                                negative_prompt: str = "", seed: int = 1, **gen) -> GridResult:
-        """Rows: the saves of a run (oldest first); columns: weight. Pass `list_checkpoints(run_dir)`."""
+        """Rows: the saves of a run (oldest first); columns: weight. Pass `list_lora_saves(run_dir)`."""
         fixed = list(self._explicit)
         files = [Path(c) for c in checkpoints]
         if not files:
@@ -565,7 +568,13 @@ class Generator:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-_GEN_DEFAULTS = dict(steps=20, guidance_scale=7.0, width=512, height=512, sampler="euler", clip_skip=None)
+def _gen_defaults() -> dict:
+    from trainer.generate.settings import GENERATE_FIELDS
+    out = {k: GENERATE_FIELDS[k].default for k in ("steps", "guidance_scale", "width", "height", "sampler")}
+    return {**out, "clip_skip": None}  # None: the base model's own clip skip
+
+
+_GEN_DEFAULTS = _gen_defaults()
 
 
 def _gen(gen: dict) -> dict:
@@ -575,15 +584,17 @@ def _gen(gen: dict) -> dict:
     return {**_GEN_DEFAULTS, **gen}
 
 
-def check_image_size(width: int, height: int, steps: int, batch: int) -> None:
-    """Image settings every pipeline accepts: sides positive multiples of 8, at least one step and one image."""
-    for v, name in ((width, "width"), (height, "height")):
-        if int(v) < 8 or int(v) % 8:
-            raise UserError(f"{name}: {v} px must be a positive multiple of 8", field=name)
-    if int(steps) < 1:
-        raise UserError(f"steps: {steps} must be at least 1", field="steps")
-    if batch < 1:
-        raise UserError(f"batch: {batch} must be at least 1", field="batch")
+def check_image_size(width: int, height: int, steps: int, batch: int | None = None) -> None:
+    """Width, height, steps (and, for one request, the batch) against the generation settings' ranges
+    (``trainer.generate.settings``: the limits the CLI flags and the GUI controls have too).
+
+    ``batch=None`` skips the per-request image limit: internal callers (grids, the toy-world harness) make
+    many one-seed calls or evaluation batches that are not a user's request."""
+    from trainer.generate.settings import check
+    for name, v in (("width", width), ("height", height), ("steps", steps)):
+        check(name, int(v))
+    if batch is not None:
+        check("batch", int(batch))
 
 
 def _quote(text: str) -> str:
@@ -621,7 +632,7 @@ def _checkpoint_label(f: Path) -> str:
     return f"step {m.group(1)}" if m else f"{f.stem} (final)"
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
+def list_lora_saves(run_dir: str | Path) -> list[Path]:
     """The LoRA files of a training run, oldest first: `<name>-step<N>.safetensors` (or `<name>-<N>`) by step,
     then the final `<name>.safetensors`. diffusers copies (`pytorch_lora_weights*`) are left out."""
     run = Path(run_dir)

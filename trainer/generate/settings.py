@@ -62,6 +62,8 @@ def check(name: str, value, source: str = ""):
     return check_value(fi, value, source)
 
 
-def check_grid_size(cells: int) -> None:
-    if cells > MAX_GRID_CELLS:
-        raise UserError(f"grid: {cells} pictures is too many for one grid (at most {MAX_GRID_CELLS})", field="grid")
+def check_grid_size(cells: int, max_cells: int = MAX_GRID_CELLS) -> None:
+    """Refuse a grid of more than ``max_cells`` pictures (itself at most MAX_GRID_CELLS) before any is made."""
+    limit = min(int(max_cells), MAX_GRID_CELLS)
+    if cells > limit:
+        raise UserError(f"grid: {cells} pictures is too many for one grid (at most {limit})", field="grid")

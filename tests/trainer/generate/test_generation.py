@@ -266,13 +266,13 @@ def test_weight_seed_grid(sd1, loras):
 def test_checkpoint_and_prompt_grids(sd1, loras, tmp_path):
     import shutil
 
-    from trainer.generate.engine import Generator, LoraSpec, list_checkpoints
+    from trainer.generate.engine import Generator, LoraSpec, list_lora_saves
     run = tmp_path / "run"
     run.mkdir()
     for n in ("my-step00000010", "my-step00000005", "my"):
         shutil.copy(loras["a"], run / f"{n}.safetensors")
     (run / "diffusers").mkdir()
-    files = list_checkpoints(run)
+    files = list_lora_saves(run)
     assert [f.name for f in files] == ["my-step00000005.safetensors", "my-step00000010.safetensors",
                                        "my.safetensors"]
     g = Generator(sd1)
@@ -283,7 +283,7 @@ def test_checkpoint_and_prompt_grids(sd1, loras, tmp_path):
     assert res.row_labels == ["a castle", "a dog"] and res.col_labels == ["base", "style_a 0.8", "char_b"]
     assert res.image.size[0] - 3 * 64 >= 64
     with pytest.raises(UserError):
-        list_checkpoints(tmp_path / "missing")
+        list_lora_saves(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------------------------ formats, errors

@@ -58,6 +58,7 @@ def guarded(n_outputs: int, status_at: int = 0):
                 out = [gr.skip()] * n_outputs
                 out[status_at] = gr.update(value=msg, visible=True)
                 return out[0] if n_outputs == 1 else tuple(out)
+        wrapper.__wrapped_outputs__ = n_outputs  # checked against the event's outputs by the tests
         return wrapper
     return deco
 

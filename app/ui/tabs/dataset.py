@@ -227,9 +227,10 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             return st, text, probs, gr.update(value=json_path, interactive=True), its
 
         @guarded(7)
-        def on_scan(folder_now, *bucket, progress=gr.Progress()):
+        def on_scan(folder_now, res, min_px, max_px, step, no_up, enable, batch, ext, progress=gr.Progress()):
+            # (explicit arguments: gradio hands gr.Progress only to a positional parameter)
             root = check_dataset_folder(folder_now)
-            s = bucket_settings(*bucket)
+            s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext)
             progress(0.0, desc="scanning ...")
             st, text, probs, json_path, its = scan(state, root, s, progress)
             state.remember_folder(str(root))
@@ -244,7 +245,7 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             return f"data.dir (Image folder) in the Train tab is now `{root}`.", str(root)
         use_btn.click(on_use_folder, [folder], [status, reg.get("train.data.dir")])
 
-        @guarded(9)
+        @guarded(8)
         def on_save_caption(folder_now, items_now, rel, text, *bucket):
             from datasets_tools.captions import apply_caption_texts
             root = check_dataset_folder(folder_now)
@@ -261,10 +262,11 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
                        [edit_status, pics, caption, *rescan_outputs])
 
         @guarded(7)
-        def on_caption(folder_now, name, model, template, trigger, overwrite_caps, *bucket, progress=gr.Progress()):
+        def on_caption(folder_now, name, model, template, trigger, overwrite_caps, res, min_px, max_px, step, no_up,
+                       enable, batch, ext, progress=gr.Progress()):
             from datasets_tools.captioners import caption_folder, check_captioner_args, get_captioner
             root = check_dataset_folder(folder_now)
-            s = bucket_settings(*bucket)
+            s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext)
             ext = s["data.caption_extension"]
             model = (model or "").strip() or None
             check_captioner_args(name, model)

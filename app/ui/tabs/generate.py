@@ -215,9 +215,10 @@ def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
     gen_inputs = [base, lora_dir, prompt, negative, seed, *setting_inputs, fused, rows_state]
 
     @guarded(4)
-    def on_generate(base_now, lora_dir_now, prompt_now, negative_now, seed_now, *rest, progress=gr.Progress()):
-        *settings_now, fused_now, rows = rest
-        kw = gen_kwargs(*settings_now)
+    def on_generate(base_now, lora_dir_now, prompt_now, negative_now, seed_now, steps, cfg, width, height, sampler,
+                    batch, clip_skip, fused_now, rows, progress=gr.Progress()):
+        # (explicit arguments: gradio hands gr.Progress only to a positional parameter)
+        kw = gen_kwargs(steps, cfg, width, height, sampler, batch, clip_skip)
         batch = kw.pop("batch")
         seed_value = seed_of(seed_now)
         with state.gen.lock:
@@ -238,9 +239,9 @@ def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
     go.click(on_generate, gen_inputs, [status, out_gallery, params, params_list], concurrency_id="gen")
 
     @guarded(4)
-    def on_grid(base_now, lora_dir_now, prompt_now, negative_now, seed_now, *rest, progress=gr.Progress()):
-        *settings_now, fused_now, rows, weights_text, seeds_text = rest
-        kw = gen_kwargs(*settings_now)
+    def on_grid(base_now, lora_dir_now, prompt_now, negative_now, seed_now, steps, cfg, width, height, sampler,
+                batch, clip_skip, fused_now, rows, weights_text, seeds_text, progress=gr.Progress()):
+        kw = gen_kwargs(steps, cfg, width, height, sampler, batch, clip_skip)
         kw.pop("batch")
         if not rows:
             raise UserError("add a LoRA first: the grid varies the first LoRA's weight")

@@ -273,7 +273,10 @@ def create_train_tab(state: AppState, reg: Registry) -> None:
         preview_code = r("train.preview", gr.Code(language=None, lines=12, elem_id="tr-preview-code"))
     tick = r("train.tick", gr.Timer(1.0))
     seen = r("train.seen", gr.State({}))
-    finished = r("train.finished", gr.State(0))
+    # a hidden number, not a gr.State: the Generate tab listens to its change, and a State updated by a non-queued
+    # event (this tick) does not fire one
+    finished = r("train.finished", gr.Number(0, precision=0, visible="hidden", interactive=False,
+                                             elem_id="tr-finished"))
 
     # ---- wiring
     for fi in FORM_FIELDS:

@@ -3,7 +3,10 @@
 One server and one page for the module, on the demo (tiny model, drawn 64 px pictures). The tests run in order
 and build on each other, like a newcomer's first session: scan, caption, bucket preview; train a few steps with
 live progress, reload the page (re-attach), stop, resume to the end; generate with two LoRAs at different
-weights and a weight x seed grid; export a preset and import it back. Every step asserts what the page shows.
+weights and a weight x seed grid; export a preset and import it back. Every step asserts what the page shows,
+including what a new user hit: labels in kohya/A1111 words with the key beside them, a scan report that follows
+the captions, the LoRA list filled when a job ends, messages beside the control they are about, no leaked i18n
+keys.
 """
 
 from __future__ import annotations
@@ -135,7 +138,19 @@ def test_page_has_four_tabs_and_demo_fills_the_forms(page):
     tab(page, "Train")
     expect(page.locator(f"#{field(page, 'model.base')} input")).to_have_value(DEMO_MODEL)
     expect(page.locator(f"#{field(page, 'data.resolution')} input")).to_have_value("64")
+    # the words users know first, the key (what --set takes) beside them
+    expect(page.locator(f"#{field(page, 'lora.rank')}")).to_contain_text("Network dim (rank) · lora.rank")
+    expect(page.locator(f"#{field(page, 'data.dir')}")).to_contain_text("Image folder · data.dir")
+    expect(page.locator(f"#{field(page, 'train.max_steps')}")).to_contain_text("Max train steps · train.max_steps")
     tab(page, "Dataset")
+
+
+def test_creating_the_demo_again_says_it_exists_and_fills_the_forms(page):
+    fill(page, "ds-folder", "somewhere-else")
+    page.locator("#demo-btn").click()
+    expect(page.locator("#demo-banner")).to_contain_text("The demo already exists", timeout=60_000)
+    expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL)
+    expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"))
 
 
 def test_scan_caption_edit_and_bucket_preview(page, server):
@@ -143,12 +158,20 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     expect(page.locator("#ds-status")).to_contain_text("30 picture(s), 30 usable", timeout=60_000)
     expect(page.locator("#ds-problems")).to_contain_text("missing_caption")  # no captions yet, by file
     expect(page.locator("#ds-gallery")).to_contain_text("(no caption)")
+    expect(page.locator("#ds-summary")).to_contain_text("no caption file: 30")
+    # the whole report, which the summary points to, is a download
+    with page.expect_download() as dl:
+        page.locator("#ds-report").click()
+    assert '"missing_caption"' in Path(dl.value.path()).read_text(encoding="utf-8")
 
     # template captioner with a live progress bar, trigger first
     fill(page, "cap-trigger", "zxq")
     page.locator("#cap-run").click()
     expect(page.locator("#cap-status")).to_contain_text("captioned 30 image(s)", timeout=60_000)
     expect(page.locator("#ds-gallery")).to_contain_text("zxq, red square")
+    # the scan report follows the captions: it is re-run, not left saying "no caption file: 30"
+    expect(page.locator("#ds-summary")).not_to_contain_text("no caption file")
+    expect(page.locator("#ds-problems")).not_to_contain_text("missing_caption")
     images = Path(page.locator("#ds-folder input").input_value())
     assert (images / "red_square_00.txt").read_text(encoding="utf-8").strip() == "zxq, red square"
 
@@ -167,6 +190,8 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     fill(page, "op-repl", "stripes")
     page.locator("#op-replace-btn").click()
     expect(page.locator("#op-status")).to_contain_text("1 caption(s) changed")
+    expect(page.locator("#op-status")).to_contain_text("Undo last edit")  # the button, not a shell command
+    expect(page.locator("#op-status")).not_to_contain_text("lorastudio captions")
     expect(page.locator("#op-tags")).to_contain_text("stripes")
     page.locator("#op-undo-btn").click()
     expect(page.locator("#op-status")).to_contain_text("undo replace 'striped' => 'stripes': 1 caption(s) changed")
@@ -180,6 +205,8 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     expect(page.locator("#bp-counts")).to_contain_text("64x64")
     expect(page.locator("#bp-rows")).to_contain_text("blue_square_01.png")  # a wide picture: its crop box shows
     expect(page.locator("#bp-sheet img")).to_be_visible()
+    page.wait_for_timeout(1500)  # progress and status trackers settle
+    assert "common." not in page.locator("body").inner_text()  # no leaked gradio i18n key
     shot(page, "dataset.png", "#demo-banner", "#ds-problems")
 
 
@@ -219,6 +246,7 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     fill(page, field(page, "train.learning_rate"), "0.001")
     page.locator("#tr-advanced").click()
     fill(page, field(page, "sample.every_steps"), "4")
+    expect(page.locator("#tr-samples-note")).to_contain_text("First sample at step 4 (every 4 steps)")
     fill(page, field(page, "sample.steps"), "2")
     fill(page, field(page, "sample.prompts"), "zxq, a red circle")
     fill(page, field(page, "train.save_every_steps"), "0")
@@ -263,6 +291,14 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     expect(page.locator("#tr-log")).to_contain_text(f"resumed from")
     expect(page.locator("#tr-samples img").first).to_be_visible(timeout=30_000)
     expect(page.locator("#tr-loss canvas, #tr-loss svg").first).to_be_visible()
+    assert "common." not in page.locator("body").inner_text()
+    # the job's end refreshed the LoRA pickers: the Presets tab's (built when the server started, before any
+    # LoRA existed, and not refreshed by opening its tab) offers the new LoRA without pressing anything
+    tab(page, "Presets")
+    page.locator("#p-lora input").click()
+    expect(page.get_by_role("option", name="outputs/demo-lora/demo-lora.safetensors")).to_be_visible(timeout=10_000)
+    page.keyboard.press("Escape")
+    tab(page, "Train")
     run = server["root"] / "outputs" / "demo-lora"
     assert (run / "demo-lora.safetensors").is_file() and (run / "config.toml").is_file()
     assert "=== " in (run / "train.log").read_text()
@@ -272,13 +308,18 @@ def test_train_live_progress_reattach_stop_resume(page, server):
 def test_generate_with_two_loras_and_a_grid(page, server):
     tab(page, "Generate")
     expect(page.locator("#g-base input")).to_have_value(DEMO_MODEL)
-    page.locator("#g-refresh").click()
+    # Add with nothing picked: the message is beside the picker, not below the Generate row
+    page.locator("#g-add").click()
+    expect(page.locator("#g-add-status")).to_contain_text("pick a LoRA file first")
+    pick, msg = page.locator("#g-pick").bounding_box(), page.locator("#g-add-status").bounding_box()
+    assert msg["y"] < pick["y"] + pick["height"] and msg["y"] + msg["height"] > pick["y"], (pick, msg)
+    assert msg["x"] > pick["x"] + pick["width"] - 1
     run = server["root"] / "outputs" / "demo-lora"
     step_file = sorted(run.glob("demo-lora-step*.safetensors"))[0]
     for path, weight in ((run / "demo-lora.safetensors", "0.8"), (step_file, "0.3")):
         fill(page, "g-pick", str(path))
         page.locator("#g-add").click()
-        expect(page.locator("#g-status")).to_contain_text(f"added {path.name}")
+        expect(page.locator("#g-add-status")).to_contain_text(f"added {path.name}")
     expect(page.locator("[id^=g-lora-name-]")).to_have_count(2)  # one row (weight slider) per LoRA
     for i, weight in enumerate(("0.8", "0.3")):
         box = page.locator(f"#g-lora-weight-{i} input[type=number]")
@@ -320,6 +361,11 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     expect(page.locator("#g-params textarea")).to_have_value(
         re.compile(r'Grid: "rows seed \[1; 2\], columns demo-lora weight \[0; 1\]"'))
     expect(page.locator("#g-gallery img").first).to_be_visible()
+    expect(page.locator("#g-gallery")).to_contain_text("demo-lora: weight")  # the LoRA's name is the grid's title
+    img = page.locator("#g-gallery img").first.bounding_box()
+    box = page.locator("#g-gallery").bounding_box()
+    assert img["y"] + img["height"] <= box["y"] + box["height"] + 1 and img["x"] + img["width"] <= \
+        box["x"] + box["width"] + 1, (img, box)  # the picture stays inside its box
     shot(page, "generate.png", "#g-base", "#g-gallery")
 
 

@@ -184,3 +184,22 @@ def test_dataset_messages_point_to_the_pages_buttons():
     from app.ui.tabs.dataset import gui_words
     text = "undo replace: 1 caption(s) changed (backup: x; undo with `lorastudio captions DIR --undo`)"
     assert "Undo last edit" in gui_words(text) and "lorastudio captions" not in gui_words(text)
+
+
+def test_every_handler_gets_its_progress_bar_and_its_outputs(built):
+    """gradio hands gr.Progress only to a positional parameter (after *args it stays a dead default), and a guarded
+    handler's error path returns as many values as the event has outputs."""
+    import inspect
+
+    import gradio as gr
+    _, app, _ = built
+    for block_fn in app.fns.values():
+        fn = getattr(block_fn, "fn", None)
+        if fn is None:
+            continue
+        for p in inspect.signature(fn).parameters.values():
+            if isinstance(p.default, gr.Progress):
+                assert p.kind is p.POSITIONAL_OR_KEYWORD, f"{fn.__name__}: progress after *args"
+        n = getattr(fn, "__wrapped_outputs__", None)
+        if n is not None:
+            assert n == len(block_fn.outputs), f"{fn.__name__}: guarded({n}) but {len(block_fn.outputs)} outputs"

@@ -21,15 +21,19 @@ def flag_name(fi: FieldInfo) -> str:
     return "--" + fi.name.replace("_", "-")
 
 
+def _num(v) -> str:
+    if v is None:
+        return ""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def range_text(fi: FieldInfo) -> str:
     """'1..16', '8..4096, a multiple of 8', 'one of a, b' or '' : the limits as the docs and help show them."""
     if fi.choices:
         return "one of " + ", ".join(map(str, fi.choices))
     parts = []
     if fi.min is not None or fi.max is not None:
-        lo = "" if fi.min is None else f"{fi.min:g}"
-        hi = "" if fi.max is None else f"{fi.max:g}"
-        parts.append(f"{lo}..{hi}")
+        parts.append(f"{_num(fi.min)}..{_num(fi.max)}")
     if fi.multiple_of:
         parts.append(f"a multiple of {fi.multiple_of}")
     return ", ".join(parts)

@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from tests.datasets_tools.unusable_files import (GOOD, UNUSABLE, assert_names_every_unusable, captions_of,
+                                                 make_unusable_folder)
 from tests.fixtures.dataset_images import pattern_image, read_only
 from PIL import Image
 
 from datasets_tools import captions as C
-from datasets_tools.captioners import (TemplateCaptioner, WD14Captioner, caption_folder, clean_name, get_captioner)
+from datasets_tools.captioners import (CAPTIONERS, REGISTRY, TemplateCaptioner, WD14Captioner, caption_folder,
+                                       captioner_name, check_captioner_args, clean_name, get_captioner)
 from datasets_tools.errors import DatasetError
 
 TAGS = [  # (name, category): 0 general, 4 character, 9 rating
@@ -241,3 +244,32 @@ def test_git_model_through_the_same_loader(tmp_path):
     assert "GitForCausalLM" in cap.describe()
     texts = cap.caption_batch([Image.new("RGB", (50, 40), "red"), Image.new("RGB", (40, 50), "blue")])
     assert len(texts) == 2 and all(t and "[" not in t for t in texts)
+
+
+@pytest.mark.parametrize("kind", ["template", "blip", "wd14"])
+def test_unusable_files_get_no_caption_from_any_captioner(kind, tmp_path, tiny_blip):
+    """A truncated PNG, a truncated JPEG, an empty file and a text file named .jpg: the scan calls them unusable,
+    so no captioner writes a .txt for them (with --overwrite too), and the summary names each one."""
+    root = make_unusable_folder(tmp_path / "ds")
+    model = {"template": None, "blip": str(tiny_blip),
+             "wd14": str(build_tiny_wd14(tmp_path / "wd", size=32))}[kind]
+    opts = {"blip": {"max_new_tokens": 4, "num_beams": 1}}.get(kind, {})
+    cap = get_captioner(kind, model=model, **opts)
+    run = caption_folder(root, cap, overwrite=True, batch_size=4, progress=lambda d, t: None)
+    assert sorted(run.written) == sorted(n.rsplit(".", 1)[0] + ".txt" for n in GOOD)
+    assert set(captions_of(root)) == {"good_a.txt", "good_b.txt"}
+    for name in UNUSABLE:
+        assert not (root / (name.rsplit(".", 1)[0] + ".txt")).exists(), name
+    assert {p.path: p.kind for p in run.skipped} == UNUSABLE and run.failed == run.skipped
+    assert_names_every_unusable(run.summary())
+
+
+def test_captioner_registry_names_and_aliases(tmp_path):
+    assert CAPTIONERS == tuple(REGISTRY) and CAPTIONERS[0] == "template"
+    assert all(REGISTRY[n].help for n in CAPTIONERS)
+    assert captioner_name("BLIP2") == "blip" and captioner_name("tagger") == "wd14"
+    for alias in REGISTRY["blip"].aliases + REGISTRY["wd14"].aliases:
+        with pytest.raises(DatasetError, match="needs --model"):
+            check_captioner_args(alias, None)
+    with pytest.raises(DatasetError, match="unknown captioner 'nope'; choose one of template, blip, wd14"):
+        get_captioner("nope")

@@ -119,3 +119,31 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     p.chmod(0o640)
     C.atomic_write_text(p, "again")
     assert p.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("edit", ["add_prefix", "replace", "remove_tags", "dedupe", "chain"])
+def test_edits_skip_what_the_scan_calls_unusable(tmp_path, edit):
+    """No edit creates or changes the caption of a file the scan calls unusable; the summary names each one."""
+    from tests.datasets_tools.unusable_files import UNUSABLE, assert_names_every_unusable, make_unusable_folder
+
+    root = make_unusable_folder(tmp_path / "ds")
+    old = "cat, cat, zxq"
+    for name in ("good_a", "truncated", "text"):  # truncated.png and truncated.jpg share truncated.txt
+        (root / f"{name}.txt").write_text(old, encoding="utf-8")
+    res = {
+        "add_prefix": lambda: C.add_prefix(root, "zxq style"),
+        "replace": lambda: C.replace_text(root, "cat", "dog"),
+        "remove_tags": lambda: C.remove_tags(root, ["zxq"]),
+        "dedupe": lambda: C.dedupe_tags(root),
+        "chain": lambda: C.edit_captions(root, [C.replace_transform("cat", "dog"), C.prefix_transform("zxq")],
+                                         operation="chain", create_missing=True),
+    }[edit]()
+    assert (root / "truncated.txt").read_text(encoding="utf-8") == old
+    assert (root / "text.txt").read_text(encoding="utf-8") == old
+    assert not (root / "empty.txt").exists()
+    assert (root / "good_a.txt").read_text(encoding="utf-8") != old and "good_a.txt" in res.changed
+    assert not any(r.startswith(("truncated", "text", "empty")) for r in res.changed + res.created)
+    assert sorted(p.path for p in res.skipped) == sorted(UNUSABLE)
+    assert_names_every_unusable(res.summary())
+    dry = C.add_prefix(root, "another", dry_run=True)
+    assert sorted(dry.changed) == ["good_a.txt", "good_b.txt"] and len(dry.skipped) == len(UNUSABLE)

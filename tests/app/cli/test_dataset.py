@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.datasets_tools.test_captioners import build_tiny_wd14, tiny_blip  # noqa: F401 (a fixture)
+from tests.datasets_tools.unusable_files import assert_names_every_unusable, captions_of, make_unusable_folder
 from tests.fixtures.dataset_images import make_dataset, read_only
 
 REPO = Path(__file__).resolve().parents[3]
@@ -104,3 +106,39 @@ def test_remove_tags_space_or_comma_and_dry_run(ds):
     r = run_cli("captions", ds, "--remove-tags", "long hair", "dog,cat")
     assert r.returncode == 0, r.stderr
     assert (ds / "10_zxq" / "a.txt").read_text() == "zxq" and (ds / "10_zxq" / "b.txt").read_text() == ""
+
+
+@pytest.mark.parametrize("captioner", ["template", "blip", "wd14"])
+def test_prepare_never_captions_unusable_files(captioner, tmp_path, tiny_blip):
+    """The scan's verdict decides: a truncated PNG/JPEG, an empty file and a text file named .jpg get no .txt from
+    `prepare` with any offline captioner (even with --overwrite), and the output names each skipped file."""
+    root = make_unusable_folder(tmp_path / "ds")
+    model = {"template": [], "blip": ["--model", tiny_blip, "--max-new-tokens", "4"],
+             "wd14": ["--model", build_tiny_wd14(tmp_path / "wd", size=32)]}[captioner]
+    r = run_cli("prepare", root, "--captioner", captioner, *model, "--overwrite", "--no-near-duplicates")
+    assert r.returncode == 0, r.stderr
+    assert set(captions_of(root)) == {"good_a.txt", "good_b.txt"}, r.stdout
+    assert "captioned 2 image(s)" in r.stdout
+    assert_names_every_unusable(r.stdout)
+
+
+def test_caption_edits_never_touch_unusable_files(tmp_path):
+    root = make_unusable_folder(tmp_path / "ds")
+    r = run_cli("captions", root, "--add-prefix", "zxq", "--replace", "a=>b")
+    assert r.returncode == 0, r.stderr
+    assert set(captions_of(root)) == {"good_a.txt", "good_b.txt"}
+    assert_names_every_unusable(r.stdout)
+    r = run_cli("prepare", root, "--captioner", "template")  # nothing left to caption: still says why
+    assert r.returncode == 0, r.stderr
+    assert "every usable image already has a caption" in r.stdout
+    assert_names_every_unusable(r.stdout)
+    assert set(captions_of(root)) == {"good_a.txt", "good_b.txt"}
+
+
+def test_bucket_flags_are_the_data_settings(ds):
+    """--resolution etc. are data.* config keys: the same ranges and choices, one-line errors naming the flag."""
+    assert_one_line_error(run_cli("scan", ds, "--resolution", "5000"), "--resolution", "maximum 4096")
+    assert_one_line_error(run_cli("scan", ds, "--bucket-step-px", "7"), "--bucket-step-px", "not one of")
+    assert_one_line_error(run_cli("prepare", ds, "--batch-size", "0"), "--batch-size", "minimum 1")
+    r = run_cli("scan", ds, "--help")
+    assert "[64..4096]" in r.stdout and "{8,16,32,64,128}" in r.stdout

@@ -124,3 +124,60 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_sd1_dir, files, tmp_path,
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], err
     assert "Traceback" not in err
     assert not any(tmp_path.glob("*.png")) and not any(tmp_path.glob("*.tmp"))
+
+
+def _over(fi):
+    """A value just past a setting's limit, as command-line text."""
+    if fi.choices:
+        return "no-such-" + str(fi.choices[0])
+    step = fi.multiple_of or 1
+    return str(int(fi.max) + step) if fi.type is int else str(fi.max + 0.5)
+
+
+def _settings_with_limits():
+    from app.cli.generate import GENERATE_FLAGS, GRID_FLAGS
+    from trainer.generate.settings import GENERATE_FIELDS, GRID_FIELDS
+    out = [("generate", GENERATE_FLAGS[n], fi) for n, fi in GENERATE_FIELDS.items() if fi.max is not None or fi.choices]
+    out += [("grid", GRID_FLAGS[n], fi) for n, fi in GRID_FIELDS.items() if fi.max is not None or fi.choices]
+    return out
+
+
+@pytest.mark.parametrize("command,flag,fi", _settings_with_limits(), ids=lambda v: getattr(v, "key", v))
+def test_every_flag_has_the_settings_limit(tmp_path, capsys, command, flag, fi):
+    """The flags are the settings: one past any limit (the GUI's too) is a one-line error naming the flag,
+    before any file or model is touched."""
+    out = tmp_path / "x.png"
+    code, stdout, err = _run(capsys, command, "--model", tmp_path / "no-model", "--prompt", "p", flag, _over(fi),
+                             "--out", out)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}: "), err
+    assert not out.exists()
+
+
+def test_batch_and_grid_limits_match_the_gui(files, tmp_path, capsys):
+    from trainer.generate.limits import MAX_BATCH, MAX_GRID_CELLS
+    from trainer.generate.settings import GENERATE_FIELDS, GRID_FIELDS
+    assert GENERATE_FIELDS["batch"].max == MAX_BATCH == 16 and GRID_FIELDS["max_cells"].max == MAX_GRID_CELLS == 100
+    code, _, err = _run(capsys, "generate", "--model", tmp_path / "m", "--prompt", "p", "--batch", "17")
+    assert code == 2 and err.strip() == "error: --batch: 17 is above the maximum 16"
+    code, _, err = _run(capsys, "generate", "--model", tmp_path / "m", "--prompt", "p", "--clip-skip", "13")
+    assert code == 2 and err.strip() == "error: --clip-skip: 13 is above the maximum 12"
+    weights = ",".join(str(i / 10) for i in range(11))
+    grid = ["grid", "--model", tmp_path / "m", "--lora", files["a"], "--prompt", "p", "--weights", weights]
+    code, _, err = _run(capsys, *grid, "--seeds", ",".join(map(str, range(10))), "--out", tmp_path / "g.png")
+    assert code == 2 and err.strip() == "error: grid: 110 pictures is too many for one grid (at most 100)", err
+    code, _, err = _run(capsys, *grid[:-2], "--weights", "0,1", "--seeds", "1,2,3", "--max-cells", "5")
+    assert code == 2 and "6 pictures is too many for one grid (at most 5)" in err
+    code, _, err = _run(capsys, *grid[:-2], "--seeds", "-3")
+    assert code == 2 and "--seeds" in err and "below the minimum 0" in err
+    assert not any(tmp_path.glob("*.png"))
+
+
+def test_settings_command_lists_every_setting(capsys):
+    from trainer.generate.settings import GENERATE_FIELDS, GRID_FIELDS
+    code, out, _ = _run(capsys, "settings")
+    assert code == 0
+    for fi in [*GENERATE_FIELDS.values(), *GRID_FIELDS.values()]:
+        assert fi.label in out
+    assert "--cfg" in out and "[1..16]" in out

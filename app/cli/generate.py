@@ -146,7 +146,8 @@ def _check_out(path: str):
 def _prepare(args, prompts: list[str]):
     """Everything that can be checked without the model first (weights, files, tags), then the model."""
     from trainer.errors import UserError
-    from trainer.generate.engine import LoraSpec, resolve_lora
+    from trainer.generate.engine import LoraSpec
+    from trainer.generate.library import resolve_lora
     from trainer.lora.io import read_lora
     from trainer.generate.prompt_syntax import parse_prompt
 
@@ -223,7 +224,8 @@ def _generate(args) -> int:
 
 def _grid(args) -> int:
     from trainer.errors import UserError
-    from trainer.generate.engine import list_lora_saves, save_image
+    from trainer.generate.engine import save_image
+    from trainer.generate.library import list_lora_saves
     from trainer.generate.settings import check, check_grid_size
 
     out = _check_out(args.out)
@@ -288,7 +290,7 @@ def _settings(args) -> int:
 
 
 def _inspect(args) -> int:
-    from trainer.generate.engine import format_inspection, inspect_lora
+    from trainer.generate.inspection import format_inspection, inspect_lora
     info = inspect_lora(args.file)
     if args.json:
         json.dump(info, sys.stdout, indent=2, default=str)

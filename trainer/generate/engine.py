@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import threading
 import warnings
 import weakref
@@ -14,8 +13,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from trainer.common.cpu_alloc import is_cpu, keep_cpu_buffers
-from trainer.common.safetensors_header import read_header, read_metadata
 from trainer.errors import UserError
+# Split out of this module; re-exported here because callers import them from trainer.generate.engine.
+from trainer.generate.inspection import _addnet, format_inspection, inspect_lora  # noqa: F401
+from trainer.generate.library import (_checkpoint_label, find_lora, list_lora_saves, list_loras,  # noqa: F401
+                                      resolve_lora)
 from trainer.generate.prompt_syntax import LoraTag, a1111_alias, parse_lora_arg, parse_prompt
 
 MODES = ("fused", "unfused")
@@ -609,14 +611,6 @@ def _plain(lm) -> bool:
         and getattr(lm, "magnitude", None) is None
 
 
-def _addnet(lora) -> str:
-    h = getattr(lora, "addnet_hash", None)
-    if h:
-        return str(h)
-    from trainer.lora.io import lora_addnet_hash
-    return lora_addnet_hash(lora.path)
-
-
 def _stem(source) -> str:
     if isinstance(source, (str, Path)):
         return Path(str(source)).stem
@@ -625,83 +619,6 @@ def _stem(source) -> str:
 
 def _tag(a: _Active) -> str:
     return LoraTag(a1111_alias(a.name), a.te, a.unet, a.dyn).to_tag()
-
-
-def _checkpoint_label(f: Path) -> str:
-    m = re.search(r"(?:step|-)0*(\d+)$", f.stem)
-    return f"step {m.group(1)}" if m else f"{f.stem} (final)"
-
-
-def list_lora_saves(run_dir: str | Path) -> list[Path]:
-    """The LoRA files of a training run, oldest first: `<name>-step<N>.safetensors` (or `<name>-<N>`) by step,
-    then the final `<name>.safetensors`. diffusers copies (`pytorch_lora_weights*`) are left out."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"checkpoints: {run} is not a folder", path=str(run))
-    stepped, final = [], []
-    for f in sorted(run.glob("*.safetensors")):
-        if f.name.startswith("pytorch_lora_weights"):
-            continue
-        m = re.search(r"(?:-step|-)0*(\d+)$", f.stem)
-        (stepped.append((int(m.group(1)), f.name, f)) if m else final.append(f))
-    files = [f for _, _, f in sorted(stepped)] + final
-    if not files:
-        raise UserError(f"checkpoints: no .safetensors LoRA files in {run}", path=str(run))
-    return files
-
-
-def resolve_lora(name: str, lora_dir: str | Path | None = None) -> Path:
-    """A LoRA path: an existing file, else a file in the LoRA folder by name, stem, or `ss_output_name`."""
-    p = Path(name).expanduser()
-    if p.is_file():
-        return p.resolve()
-    if lora_dir is not None:
-        lora_dir = Path(lora_dir)
-        if (lora_dir / name).is_file():
-            return (lora_dir / name).resolve()
-        found = find_lora(lora_dir, p.stem if p.suffix.lower() == ".safetensors" else name)
-        if found is not None:
-            return found.resolve()
-        if p.suffix.lower() != ".safetensors" and p.parent == Path("."):
-            raise UserError(f"LoRA '{name}' is not in the LoRA folder {lora_dir} (looked for {name}.safetensors "
-                            f"and ss_output_name '{name}')", path=name)
-        raise UserError(f"LoRA file not found: {name} (nor in the LoRA folder {lora_dir})", path=name)
-    raise UserError(f"LoRA file not found: {name}", path=name)
-
-
-def find_lora(lora_dir: str | Path, name: str) -> Path | None:
-    """A LoRA in a folder (searched recursively) by file stem, or else by its `ss_output_name` metadata."""
-    root = Path(lora_dir)
-    if not root.is_dir():
-        raise UserError(f"LoRA folder {root} does not exist", path=str(root))
-    files = sorted(root.rglob("*.safetensors"))
-    for f in files:
-        if f.stem == name:
-            return f
-    for f in files:
-        if f.stem.lower() == name.lower():
-            return f
-    for f in files:
-        if _lora_metadata(f).get("ss_output_name") == name:
-            return f
-    return None
-
-
-def _lora_metadata(path: Path) -> dict:
-    """A listed file's metadata; {} for a file that is not readable (listings skip nothing, show what they can)."""
-    try:
-        return read_metadata(path)
-    except UserError:
-        return {}
-
-
-def list_loras(lora_dir: str | Path) -> list[dict]:
-    """Every `.safetensors` under a folder with its name and alias (`ss_output_name`), for menus."""
-    root = Path(lora_dir)
-    if not root.is_dir():
-        return []
-    return [{"name": f.stem, "alias": _lora_metadata(f).get("ss_output_name", ""), "path": str(f)}
-            for f in sorted(root.rglob("*.safetensors"))]
 
 
 def make_grid(cells: list[list[Any]], row_labels: Sequence[str], col_labels: Sequence[str], *,
@@ -771,105 +688,3 @@ def save_image(image, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(image, path, image.info.get("parameters", ""))
     return path
-
-
-# ------------------------------------------------------------------------------------------------ inspect
-
-
-def inspect_lora(path: str | Path) -> dict:
-    """What a LoRA file is: format(s), base family, ranks, alphas, module and key counts, metadata, hash."""
-    from trainer.lora.io import read_lora
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"LoRA file not found: {p}", path=str(p))
-    try:
-        lora = read_lora(p, allow_partial=True)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"LoRA file {p}: not a readable LoRA ({type(e).__name__})", path=str(p)) from None
-    per_comp: dict[str, dict] = {}
-    ranks, alphas, dtypes = set(), set(), set()
-    tensors = 0
-    for key, lm in lora.modules.items():
-        comp = key.split(":", 1)[0]
-        c = per_comp.setdefault(comp, {"modules": 0, "ranks": set(), "alphas": set(), "conv": 0})
-        c["modules"] += 1
-        r = int(lm.rank)
-        alpha = float(lm.alpha) if lm.alpha is not None else float(r)
-        c["ranks"].add(r)
-        c["alphas"].add(alpha)
-        if lm.down.dim() == 4 and lm.down.shape[-1] > 1:
-            c["conv"] += 1
-        ranks.add(r)
-        alphas.add(alpha)
-        for t in (lm.down, lm.up, getattr(lm, "mid", None)):
-            if t is not None:
-                dtypes.add(str(t.dtype).replace("torch.", ""))
-                tensors += 1
-        if lm.alpha is not None:
-            tensors += 1
-    meta = dict(lora.metadata or {})
-    addnet = _addnet(lora)
-    header = read_header(p).tensors  # the file's own dtypes (the reader keeps fp32 copies)
-    if header:
-        dtypes = {_DTYPES.get(v.dtype, v.dtype.lower()) for v in header.values()
-                  if v.shape}  # weights only, not the 0-dim alphas
-    key_count = len(header) if header else None
-    return {
-        "path": str(p),
-        "file_size": p.stat().st_size,
-        "formats": sorted(lora.formats) if not isinstance(lora.formats, dict) else dict(lora.formats),
-        "family": lora.family,
-        "modules": len(lora.modules),
-        "keys": key_count if key_count is not None else tensors,
-        "components": {c: {"modules": v["modules"], "ranks": sorted(v["ranks"]), "alphas": sorted(v["alphas"]),
-                           "conv_3x3": v["conv"]} for c, v in sorted(per_comp.items())},
-        "ranks": sorted(ranks),
-        "alphas": sorted(alphas),
-        "dtypes": sorted(dtypes),
-        "addnet_hash": addnet,
-        "short_hash": addnet[:12],
-        "output_name": meta.get("ss_output_name", ""),
-        "base_model": meta.get("ss_sd_model_name", "") or meta.get("modelspec.architecture", ""),
-        "skipped_keys": list(getattr(lora, "skipped", []) or []),
-        "metadata": meta,
-    }
-
-
-_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
-           "I32": "int32", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def format_inspection(info: dict, *, max_value_chars: int = 200) -> str:
-    """`inspect_lora`'s result as readable text (long metadata values shortened)."""
-    fam = {"sd1": "SD1.x / SD2.x (SD1-style names)", "sdxl": "SDXL"}.get(info["family"], info["family"] or "unknown")
-    formats = info["formats"]
-    formats = ", ".join(f"{k} ({v} modules)" for k, v in formats.items()) if isinstance(formats, dict) \
-        else ", ".join(formats)
-    lines = [f"file:        {info['path']} ({info['file_size'] / 1024:.1f} KiB)",
-             f"format:      {formats}",
-             f"base family: {fam}",
-             f"modules:     {info['modules']} ({info['keys']} tensors)",
-             f"rank(s):     {', '.join(map(str, info['ranks']))}",
-             f"alpha(s):    {', '.join(f'{a:g}' for a in info['alphas'])}",
-             f"dtypes:      {', '.join(info['dtypes'])}",
-             f"addnet hash: {info['addnet_hash']} (A1111/Civitai AutoV3: {info['short_hash']})"]
-    if info.get("skipped_keys"):
-        lines.append(f"not understood: {len(info['skipped_keys'])} keys, e.g. {', '.join(info['skipped_keys'][:3])} "
-                     "(the file loads only with --allow-partial)")
-    for comp, c in info["components"].items():
-        lines.append(f"  {comp:<15} {c['modules']:>4} modules, rank {'/'.join(map(str, c['ranks']))}, "
-                     f"alpha {'/'.join(f'{a:g}' for a in c['alphas'])}"
-                     + (f", {c['conv_3x3']} conv 3x3" if c["conv_3x3"] else ""))
-    if info["metadata"]:
-        lines.append("metadata:")
-        for k in sorted(info["metadata"]):
-            v = str(info["metadata"][k]).replace("\n", " ")
-            if len(v) > max_value_chars:
-                v = v[:max_value_chars] + f"... ({len(v)} chars)"
-            lines.append(f"  {k}: {v}")
-    else:
-        lines.append("metadata:    (none)")
-    return "\n".join(lines)

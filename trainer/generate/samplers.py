@@ -2,34 +2,31 @@
 
 from __future__ import annotations
 
-SAMPLERS = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
+#: name -> (the label A1111 shows, the diffusers scheduler class, its extra from_config arguments). The one list
+#: of samplers: ``SAMPLERS``, the generation settings' choices, the config's ``sample.sampler`` and every
+#: front-end's menu come from it.
+_TABLE: dict[str, tuple[str, str, dict]] = {
+    "euler": ("Euler", "EulerDiscreteScheduler", {}),
+    "euler_a": ("Euler a", "EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m_karras": ("DPM++ 2M Karras", "DPMSolverMultistepScheduler",
+                        {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": ("DDIM", "DDIMScheduler", {}),
+    "unipc": ("UniPC", "UniPCMultistepScheduler", {}),
 }
+
+#: name -> the label A1111 users know.
+SAMPLERS = {name: label for name, (label, _, _) in _TABLE.items()}
 
 
 def make_sampler(name: str, scheduler_config: dict):
     """A fresh diffusers scheduler for `name`, built from the base model's scheduler config."""
-    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                           EulerDiscreteScheduler, UniPCMultistepScheduler)
+    import diffusers
 
     from trainer.errors import UserError
-    cfg = dict(scheduler_config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(cfg)
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(cfg)
-    if name == "dpmpp_2m_karras":
-        return DPMSolverMultistepScheduler.from_config(cfg, use_karras_sigmas=True, algorithm_type="dpmsolver++",
-                                                       solver_order=2)
-    if name == "ddim":
-        return DDIMScheduler.from_config(cfg)
-    if name == "unipc":
-        return UniPCMultistepScheduler.from_config(cfg)
-    raise UserError(f"sampler: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}", field="sampler")
+    if name not in _TABLE:
+        raise UserError(f"sampler: unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}", field="sampler")
+    _, cls_name, extra = _TABLE[name]
+    return getattr(diffusers, cls_name).from_config(dict(scheduler_config), **extra)
 
 
 def png_parameters(prompt: str, negative: str, *, steps: int, sampler: str, cfg_scale: float, seed: int,

@@ -20,7 +20,6 @@ from .captions import CaptionWriter, image_caption_pairs, prefix_transform
 from .errors import DatasetError, first_line
 from .folder import Problem, check_folder, repeats_for
 from .images import ImageError, load_rgb
-from .scan import describe_skipped, unusable_files
 
 
 @dataclass(frozen=True)
@@ -418,6 +417,8 @@ class CaptionRun:
         return self.skipped
 
     def summary(self) -> str:
+        from .scan import describe_skipped  # numpy: not at import time (the CLI imports the registry above)
+
         text = f"captioned {len(self.written)} image(s), kept {len(self.kept)} existing caption(s)"
         if self.backup:
             text += f"; backup: {self.backup}"
@@ -431,6 +432,8 @@ def caption_todo(root: str | os.PathLike, *, overwrite: bool = False, caption_ex
     """(image, caption file) pairs a captioning run would write, and a CaptionRun holding what it keeps and
     skips. Unusable images (``scan.unusable_files``, the scan's own verdict; pass it when already known) are
     skipped before anything else, so they get no caption even with overwrite."""
+    from .scan import unusable_files
+
     root = check_folder(root).resolve()
     if unusable is None:
         unusable = unusable_files(root, caption_extension=caption_extension)

@@ -74,7 +74,7 @@ def wire_page(state: AppState, reg: Registry, app: gr.Blocks) -> None:
         except Exception as e:  # noqa: BLE001 - one line in the banner (the server log has the rest)
             return (gr.update(value=error_md(f"the demo could not be created: {first_line(e)}"), visible=True),
                     *[gr.skip()] * (len(targets) - 1))
-        note = "" if made else (f"✅ The demo already exists in `{state.root / 'demo'}`: the forms are filled with it "
+        note = "" if made else (f"The demo already exists in `{state.root / 'demo'}`: the forms are filled with it "
                                 "again (your edits to them are replaced).")
         return demo_fill(note)
     reg.get("page.demo_button").click(on_demo_click, None, targets, concurrency_id="demo")

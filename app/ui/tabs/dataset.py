@@ -219,7 +219,6 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
     @reg.after_build
     def wire():
         bucket_inputs = reg.many(f"train.{k}" for k in BUCKET_KEYS)
-        ext_input = reg.get("train.data.caption_extension")
         rescan_outputs = [status, summary, problems, report_btn, items]
 
         def rescan(root: Path, s: dict) -> tuple:

@@ -68,7 +68,7 @@ def gen_kwargs(steps, cfg, width, height, sampler, batch, clip_skip) -> dict:
 
 def seed_of(seed) -> int:
     if seed is None or str(seed).strip() == "":
-        raise UserError("seed: give a number (🎲 picks one)")
+        raise UserError("seed: give a number (Random picks one)")
     return S.check("seed", int(float(seed)))
 
 
@@ -176,8 +176,9 @@ def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
                                                      elem_id="g-negative"))
     with gr.Row():
         seed = r("generate.seed", setting_control(G["seed"], "g-seed", info="", min_width=140))
-        dice = gr.Button("🎲", size="md", scale=0, min_width=40, elem_id="g-seed-random")
-        controls = {k: r(f"generate.{k}", setting_control(G[k], dict(ELEM_IDS).get(k, f"g-{k}"), info="", min_width=110))
+        dice = gr.Button("Random", size="md", scale=0, min_width=80, elem_id="g-seed-random")
+        ids = dict(ELEM_IDS)
+        controls = {k: r(f"generate.{k}", setting_control(G[k], ids.get(k, f"g-{k}"), info="", min_width=110))
                     for k in SETTING_KEYS}
         fused = r("generate.fused", gr.Checkbox(value=True, label="fused (merge into weights; off = adapters)",
                                                 elem_id="g-fused"))

@@ -192,7 +192,9 @@ def _stop(proc):
 
 
 def test_lorastudio_ui_serves_the_page_on_localhost_only_without_torch(tmp_path):
-    """`lorastudio ui` serves the page, binds 127.0.0.1 only and has not loaded torch (how fast: benchmarks/ui_startup.py)."""
+    """`lorastudio ui` serves the page, binds 127.0.0.1 only and has not loaded torch.
+
+    How fast is a figure, not a pass/fail (it flaked at 5.3 s against a 5 s budget): benchmarks/ui_startup.py."""
     proc, port, _ = _start_ui(tmp_path)
     try:
         status, body = _wait(f"http://127.0.0.1:{port}/", proc)

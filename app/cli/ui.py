@@ -31,11 +31,23 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def check_port(port: int) -> None:
+    """A TCP port number (1-65535): the socket layer's own 16-bit rule, not a copy of its limit."""
+    import socket
+
+    from trainer.errors import UserError
+    try:
+        if port > 0 and socket.htons(port) >= 0:
+            return
+    except OverflowError:
+        pass
+    raise UserError(f"--port {port}: choose 1-65535")
+
+
 def _ui(args) -> int:
     from trainer.errors import UserError
     auth = parse_auth(args.auth)
-    if not 1 <= args.port <= 65535:
-        raise UserError(f"--port {args.port}: choose 1-65535")
+    check_port(args.port)
     if args.listen and auth is None:
         print("warning: --listen without --auth: anyone who can reach this machine can use the app",
               file=sys.stderr)

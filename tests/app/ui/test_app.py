@@ -238,3 +238,11 @@ def test_auth_protects_the_page(tmp_path):
             assert e.code in (400, 401, 403)
     finally:
         _stop(proc)
+
+
+def test_port_argument():
+    from app.cli.ui import check_port
+    check_port(1), check_port(7860), check_port(65535)
+    for bad in (0, -1, 65536):
+        with pytest.raises(UserError, match=f"--port {bad}: choose 1-65535"):
+            check_port(bad)

@@ -121,7 +121,13 @@ def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, au
                       allowed_paths=state.served_paths(), max_file_size=MAX_UPLOAD, show_error=False,
                       prevent_thread_lock=not block, quiet=quiet, ssr_mode=False, pwa=False, mcp_server=False,
                       enable_monitoring=False, inbrowser=False, css=CSS,
-                      footer_links=["gradio", "settings"])
+                      footer_links=["gradio", "settings"], i18n=_missing_gradio_words())
+
+
+def _missing_gradio_words():
+    """Words gradio's page uses but its English table lacks: after every event its screen-reader status line
+    (also shown for a moment near the component) said the raw key "common.complete" (gradio 6.31)."""
+    return gr.I18n(en={"common.complete": "Complete"})
 
 
 def _build_demo_quietly(state: AppState) -> None:

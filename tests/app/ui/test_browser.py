@@ -205,8 +205,14 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     expect(page.locator("#bp-counts")).to_contain_text("64x64")
     expect(page.locator("#bp-rows")).to_contain_text("blue_square_01.png")  # a wide picture: its crop box shows
     expect(page.locator("#bp-sheet img")).to_be_visible()
-    page.wait_for_timeout(1500)  # progress and status trackers settle
-    assert "common." not in page.locator("body").inner_text()  # no leaked gradio i18n key
+    # no leaked gradio i18n key: gradio announces each finished event in a status line up to 5 s later
+    said = set()
+    for _ in range(70):
+        said.add(page.evaluate("Array.from(document.querySelectorAll('[role=status]'))"
+                               ".map(e => e.textContent.trim()).join('|')"))
+        page.wait_for_timeout(100)
+    assert not any("common." in text for text in said), said
+    assert "common." not in page.locator("body").inner_text()
     shot(page, "dataset.png", "#demo-banner", "#ds-problems")
 
 

@@ -1,10 +1,6 @@
 """The settings of `lorastudio ui` that have a range (the port), described once as FieldInfo so the flag is
 made by ``app.cli.flags.add_field_flag`` and checked by ``check_value`` like every other flag, not by a
-comparison written into the command.
-
-``app/cli/ui.py`` is meant to use it: ``add_field_flag(p, SERVE_FIELDS["port"])`` in place of its own
-``--port`` argument and range check.
-"""
+comparison written into the command."""
 
 from __future__ import annotations
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 
+from app.cli.flags import add_field_flag
+from app.cli.serve import SERVE_FIELDS
+
 
 def register(sub) -> None:
     p = sub.add_parser("ui", help="open the web app (Dataset, Train, Generate, Presets)",
@@ -11,7 +14,7 @@ def register(sub) -> None:
                                    "--listen is given, and serves files only from its own folders under --root.")
     p.add_argument("--listen", action="store_true",
                    help="accept connections from other machines (binds 0.0.0.0); use --auth with it")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    add_field_flag(p, SERVE_FIELDS["port"])
     p.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
     p.add_argument("--demo", action="store_true",
                    help="create the first-run demo (a tiny model and drawn pictures) and load it into the forms")
@@ -31,23 +34,9 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def check_port(port: int) -> None:
-    """A TCP port number (1-65535): the socket layer's own 16-bit rule, not a copy of its limit."""
-    import socket
-
-    from trainer.errors import UserError
-    try:
-        if port > 0 and socket.htons(port) >= 0:
-            return
-    except OverflowError:
-        pass
-    raise UserError(f"--port {port}: choose 1-65535")
-
-
 def _ui(args) -> int:
     from trainer.errors import UserError
     auth = parse_auth(args.auth)
-    check_port(args.port)
     if args.listen and auth is None:
         print("warning: --listen without --auth: anyone who can reach this machine can use the app",
               file=sys.stderr)

@@ -623,7 +623,10 @@ def _tag(a: _Active) -> str:
 
 def make_grid(cells: list[list[Any]], row_labels: Sequence[str], col_labels: Sequence[str], *,
               row_title: str = "", col_title: str = "") -> Any:
-    """One image: column labels on top, row labels on the left, cells (all the same size) in between."""
+    """One image: the column title once across the top, the column labels under it (one per cell), the row title
+    in the top-left corner and the row labels on the left, cells (all the same size) in between. Every line is
+    wrapped, and a word wider than its cell is broken, so no label runs into its neighbour however long a LoRA
+    name is (a 64 px cell and "demo-lora-step00000013" must stay readable)."""
     from PIL import Image, ImageDraw, ImageFont
 
     if not cells or not cells[0]:
@@ -643,17 +646,25 @@ def make_grid(cells: list[list[Any]], row_labels: Sequence[str], col_labels: Seq
     line_h = text_size("Ag")[1] + 4
     pad = max(4, size // 2)
     left_w = max(cw, 2 * size * 4)  # room for wrapped row labels
-    row_lines = [_wrap(f"{row_title}: {t}" if row_title else t, left_w - 2 * pad, text_size) for t in row_labels]
-    col_lines = [_wrap(f"{col_title}: {t}" if col_title else t, cw - 2 * pad, text_size) for t in col_labels]
-    top_h = max(len(ls) for ls in col_lines) * line_h + 2 * pad
-    width, height = left_w + cw * len(col_labels), top_h + ch * len(row_labels)
+    cols_w = cw * len(col_labels)
+    title_lines = _wrap(col_title, cols_w - 2 * pad, text_size) if col_title else []
+    corner_lines = _wrap(row_title, left_w - 2 * pad, text_size) if row_title else []
+    row_lines = [_wrap(t, left_w - 2 * pad, text_size) for t in row_labels]
+    col_lines = [_wrap(t, cw - 2 * pad, text_size) for t in col_labels]
+    label_h = max(len(ls) for ls in col_lines) * line_h
+    top_h = max(len(title_lines) * line_h + label_h, len(corner_lines) * line_h) + 2 * pad
+    width, height = left_w + cols_w, top_h + ch * len(row_labels)
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
+    for k, line in enumerate(title_lines):
+        draw.text((left_w + (cols_w - text_size(line)[0]) // 2, pad + k * line_h), line, fill="black", font=font)
+    for k, line in enumerate(corner_lines):
+        draw.text((pad, pad + k * line_h), line, fill="black", font=font)
+    y_labels = pad + len(title_lines) * line_h
     for j, lines in enumerate(col_lines):
         x0 = left_w + j * cw
         for k, line in enumerate(lines):
-            tw = text_size(line)[0]
-            draw.text((x0 + (cw - tw) // 2, pad + k * line_h), line, fill="black", font=font)
+            draw.text((x0 + (cw - text_size(line)[0]) // 2, y_labels + k * line_h), line, fill="black", font=font)
     for i, lines in enumerate(row_lines):
         y0 = top_h + i * ch + max(pad, (ch - len(lines) * line_h) // 2)
         for k, line in enumerate(lines):
@@ -667,8 +678,31 @@ def make_grid(cells: list[list[Any]], row_labels: Sequence[str], col_labels: Seq
 
 
 def _wrap(text: str, max_w: int, text_size) -> list[str]:
-    words, lines, cur = text.split(), [], ""
-    for word in words:
+    """Lines of ``text`` no wider than ``max_w``: broken at spaces, and inside a word that alone is too wide
+    (after '-' or '_' where it can, else anywhere); at most 6 lines, the last cut with '...'."""
+    def pieces(word: str) -> list[str]:
+        out, cur = [], ""
+        for ch in word:
+            if cur and text_size(cur + ch)[0] > max_w:
+                cut = max(cur.rfind("-"), cur.rfind("_"))
+                if 0 < cut < len(cur) - 1:  # prefer a break after the last '-' / '_'
+                    out.append(cur[:cut + 1])
+                    cur = cur[cut + 1:]
+                if cur and text_size(cur + ch)[0] > max_w:
+                    out.append(cur)
+                    cur = ""
+            cur += ch
+        return out + [cur]
+
+    lines, cur = [], ""
+    for word in str(text).split():
+        parts = pieces(word) if text_size(word)[0] > max_w else [word]
+        for part in parts[:-1]:
+            if cur:
+                lines.append(cur)
+                cur = ""
+            lines.append(part)
+        word = parts[-1]
         cand = f"{cur} {word}".strip()
         if cur and text_size(cand)[0] > max_w:
             lines.append(cur)

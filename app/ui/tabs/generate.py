@@ -83,22 +83,6 @@ def save_generated(state: AppState, image, stem: str) -> str:
     return str(save_image(image, out))
 
 
-def short_label_grid(res, weights: list[float]):
-    """The weight x seed grid redrawn with short column labels ("w=0.5"): the engine titles each column
-    "<LoRA name> weight: 0.5", which does not fit a 64 px cell when the name is long (demo-lora-step00000013).
-    The cells are the bottom-right block of the engine's grid (make_grid draws labels above and left of them)."""
-    from trainer.generate.engine import make_grid
-    cw, ch = res.cell_size
-    img = res.image
-    rows, cols = len(res.row_labels), len(res.col_labels)
-    x0, y0 = img.width - cw * cols, img.height - ch * rows
-    cells = [[img.crop((x0 + j * cw, y0 + i * ch, x0 + (j + 1) * cw, y0 + (i + 1) * ch)) for j in range(cols)]
-             for i in range(rows)]
-    grid = make_grid(cells, res.row_labels, [f"w={w:g}" for w in weights], row_title=res.row_title)
-    grid.info["parameters"] = res.parameters
-    return grid
-
-
 def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
     r = reg.add
     G, GR = S.GENERATE_FIELDS, S.GRID_FIELDS
@@ -256,8 +240,8 @@ def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
             progress(0.0, desc=f"grid of {len(weights) * len(seeds)} images ...")
             res = gen.grid_weight_seed(lora_specs[0], weights, seeds, prompt_now or "", negative_now or "", **kw)
         name = Path(rows[0]["path"]).stem
-        path = save_generated(state, short_label_grid(res, weights), "grid")
-        title = f"{name}: weight (columns, w=) x seed (rows)"
+        path = save_generated(state, res.image, "grid")
+        title = f"{name}: weight (columns) x seed (rows)"
         text = (f"grid: {len(res.row_labels)} seeds x {len(res.col_labels)} weights of {name}; {note}. "
                 f"Saved as {rel(path, state.root)}.")
         return text, gr.update(value=[(path, title)], selected_index=0), res.parameters, [res.parameters]

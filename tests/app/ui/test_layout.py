@@ -160,26 +160,6 @@ def test_a_finished_job_refreshes_the_lora_list(built, tmp_path):
                for d in deps)
 
 
-def test_grid_is_redrawn_with_short_column_labels():
-    from PIL import Image
-
-    from app.ui.tabs.generate import short_label_grid
-    from trainer.generate.engine import GridResult, make_grid
-    cells = [[Image.new("RGB", (64, 64), (40 * i + 10 * j, 80, 120)) for j in range(3)] for i in range(2)]
-    weights = [0, 0.5, 1]
-    image = make_grid(cells, ["1", "2"], [f"{w:g}" for w in weights], row_title="seed",
-                      col_title="demo-lora-step00000013 weight")
-    res = GridResult(image, "seed", ["1", "2"], "demo-lora-step00000013 weight", ["0", "0.5", "1"], "p", (64, 64))
-    grid = short_label_grid(res, weights)
-    assert grid.info["parameters"] == "p"
-    x0, y0 = grid.width - 3 * 64, grid.height - 2 * 64
-    for i in range(2):
-        for j in range(3):
-            box = (x0 + j * 64, y0 + i * 64, x0 + (j + 1) * 64, y0 + (i + 1) * 64)
-            assert grid.crop(box).tobytes() == cells[i][j].tobytes()  # the very pictures, not redrawn
-    assert grid.height <= image.height  # the long title wrapped to more lines; the short label needs fewer
-
-
 def test_dataset_messages_point_to_the_pages_buttons():
     from app.ui.tabs.dataset import gui_words
     text = "undo replace: 1 caption(s) changed (backup: x; undo with `lorastudio captions DIR --undo`)"

@@ -443,3 +443,28 @@ def test_rss_does_not_grow_over_load_generate_unload_cycles(sd1, loras, mode):
     gc.collect()
     grown = _rss_mib() - before
     assert grown < 6, f"RSS grew by {grown:.1f} MiB over 20 cycles"
+
+
+def test_grid_labels_stay_in_their_columns_however_long_the_lora_name():
+    """The weight x seed grid of a LoRA named like a training save (demo-lora-step00000013) in 64 px cells: the
+    title is drawn once across the top, and no column label crosses into its neighbour (the GUI showed them
+    overlapping)."""
+    from trainer.generate.engine import _wrap, make_grid
+    cw = 64
+    cells = [[Image.new("RGB", (cw, cw), (40 * i + 10 * j, 80, 120)) for j in range(5)] for i in range(2)]
+    labels = ["0", "0.25", "0.5", "0.75", "demo-lora-step00000013"]
+    grid = make_grid(cells, ["1", "2"], labels, row_title="seed", col_title="demo-lora-step00000013 weight")
+    pixels = np.asarray(grid.convert("L"))
+    top = grid.height - 2 * cw
+    left = grid.width - 5 * cw
+    assert (pixels[:top, left:] < 128).any()  # labels are drawn
+    for j in range(1, 5):  # between two columns the label band is blank: no text runs across
+        x = left + j * cw
+        assert (pixels[top // 2:top, x - 1:x + 1] > 250).all(), f"a label crosses the border of column {j}"
+    from PIL import ImageDraw, ImageFont
+    font = ImageFont.load_default(size=10)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    size = lambda s: (probe.textbbox((0, 0), s, font=font)[2], 0)  # noqa: E731
+    lines = _wrap("demo-lora-step00000013 weight", 40, size)
+    assert all(size(line)[0] <= 40 for line in lines) and "".join(lines).replace(" ", "") == \
+        "demo-lora-step00000013weight"

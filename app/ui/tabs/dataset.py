@@ -281,8 +281,6 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             text = run.summary()
             if run.backup:
                 text += "; undo with the **Undo last edit** button below"
-            if run.failed:
-                text += "; skipped: " + ", ".join(p.path for p in run.failed[:5])
             out = rescan(root, s)
             return (text, gallery(state, out[-1]), *out)
         cap_btn.click(on_caption, [folder, cap_name, cap_model, cap_template, cap_trigger, cap_overwrite,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -86,6 +88,39 @@ def text_encoder_target_module_names(text_encoder, lora_cfg) -> list[str]:
             and any(name.endswith("." + w) for w in wanted)]
 
 
+def untrainable_te_layers(family: str, clip_skip: int) -> list[int]:
+    """How many of the last layers of each text encoder can get no gradient, because the model reads an earlier
+    hidden state: SD1/SD2 read ``hidden_states[-clip_skip]`` (1 = the last layer), SDXL's first encoder reads
+    ``hidden_states[-(clip_skip + 1)]`` (the penultimate layer by default), while its second encoder's pooled
+    output comes from its final layer, so all of it trains (see TextConditioner in trainer/train/recipe.py).
+    LoRA layers there would ship as zeros; ComfyUI showed them on our SDXL files."""
+    if family == "sdxl":
+        return [clip_skip, 0]
+    return [clip_skip - 1]
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _drop_last_layers(te, tcfg, adapter_name: str, n_drop: int) -> None:
+    """Take the LoRA back out of the last ``n_drop`` encoder layers (put the base Linear back in place) and out
+    of the config. Injected first and removed after, so the random draws of every other layer's init, and with
+    them the tensors of every other module, are the same as without the removal."""
+    if n_drop <= 0:
+        return
+    n_layers = te.config.num_hidden_layers
+    keep = []
+    for name in list(tcfg.target_modules):
+        m = _LAYER_INDEX.search(name)
+        if m and int(m.group(1)) >= n_layers - n_drop:
+            parent, _, child = name.rpartition(".")
+            layer = te.get_submodule(name)
+            setattr(te.get_submodule(parent), child, layer.get_base_layer())
+        else:
+            keep.append(name)
+    tcfg.target_modules = keep
+
+
 def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg):
     from peft import LoraConfig as PeftLoraConfig
     # kohya trains alpha 0 as alpha = rank (§2.7); doing the same keeps the file's alpha meaningful everywhere
@@ -121,8 +156,10 @@ def _finish(model, adapter_name: str, component: str, handles_modules: list) -> 
 
 
 def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool,
-                adapter_name: str = "default") -> LoraHandles:
-    """Add a LoRA adapter to the UNet (and the text encoders when trained); the base stays frozen."""
+                adapter_name: str = "default", skip_last_layers: Sequence[int] = ()) -> LoraHandles:
+    """Add a LoRA adapter to the UNet (and the text encoders when trained); the base stays frozen.
+    ``skip_last_layers[i]``: the number of last layers of text encoder i that get no LoRA because they cannot
+    train (``untrainable_te_layers``)."""
     from peft import inject_adapter_in_model
 
     unet.requires_grad_(False)
@@ -149,6 +186,7 @@ def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool
         tcfg = _peft_config(text_encoder_target_module_names(te, lora_cfg), [], lora_cfg)
         # transformers 5's add_adapter wants peft>=0.22; peft's own injection works on any version
         inject_adapter_in_model(tcfg, te, adapter_name)
+        _drop_last_layers(te, tcfg, adapter_name, skip_last_layers[i] if i < len(skip_last_layers) else 0)
         configs[TE_COMPONENTS[i]] = tcfg
         te_params.append(_finish(te, adapter_name, TE_COMPONENTS[i], modules))
     return LoraHandles(adapter_name, unet_params, te_params, modules, configs)

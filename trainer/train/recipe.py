@@ -221,7 +221,7 @@ def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, 
 
 
 def _train_inner(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, resume: bool, command: str):
-    from trainer.lora.inject import inject_lora
+    from trainer.lora.inject import inject_lora, untrainable_te_layers
     from trainer.lora.io import build_metadata, save_diffusers_lora, save_lora
     from trainer.models.loading import load_base_model
     from trainer.train.optim import make_optimizer, make_scheduler
@@ -252,7 +252,9 @@ def _train_inner(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_
     _set_attention(unet, tr.attention)
     train_te = cfg.lora.train_text_encoder
     torch.manual_seed(tr.seed)  # identical LoRA init in every process and every resume
-    handles = inject_lora(unet, text_encoders, cfg.lora, train_text_encoder=train_te)
+    # text-encoder layers after the hidden state the model reads get no gradient: they are not injected
+    handles = inject_lora(unet, text_encoders, cfg.lora, train_text_encoder=train_te,
+                          skip_last_layers=untrainable_te_layers(base.family, cfg.model.clip_skip))
     if tr.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # diffusers only checkpoints in training mode

@@ -256,3 +256,31 @@ def test_stop_during_setup_ends_at_once_without_files(tiny_sd1_dir, image_folder
     assert res.status == "stopped" and res.step == 0
     assert not list((tmp_path / "o").rglob("*.safetensors"))
     assert read_events(res.run_dir / "events.jsonl")[-2]["status"] == "stopped"
+
+
+@pytest.mark.parametrize("family,clip_skip,dropped", [("sd1", 1, {}), ("sd1", 2, {"lora_te": [2]}),
+                                                       ("sdxl", 1, {"lora_te1": [2]}),
+                                                       ("sdxl", 2, {"lora_te1": [1, 2]})])
+def test_only_text_encoder_layers_that_can_train_are_written(family, clip_skip, dropped, tiny_sd1_dir, tiny_sdxl_dir,
+                                                             image_folder, tmp_path):
+    """The tiny encoders have 3 layers. SD1 reads hidden_states[-clip_skip], SDXL's first encoder
+    hidden_states[-(clip_skip+1)], SDXL's second its final layer too (pooled output): layers after the one read
+    get no gradient and would ship as zeros (real ComfyUI showed them). Every module written has learned
+    something, the untrainable layers are absent, and the file still loads in diffusers with no complaint."""
+    from tests.fixtures.lora_files import captured_logs, load_complaints
+    from tests.fixtures.tiny_models import build_tiny_pipeline
+    model = tiny_sd1_dir if family == "sd1" else tiny_sdxl_dir
+    res = train(run_cfg(tiny_overrides(model, image_folder, tmp_path / "out", steps=2,
+                                       **{"model.clip_skip": clip_skip, "lora.text_encoder_targets": "attention"})))
+    t = load_file(str(res.lora_path))
+    ups = {k: v for k, v in t.items() if k.endswith(".lora_up.weight")}
+    assert ups and all(v.abs().max() > 0 for v in ups.values()), [k for k, v in ups.items() if not v.abs().max()]
+    for prefix in ("lora_te", "lora_te1", "lora_te2"):
+        layers = {int(k.split("_layers_")[1].split("_")[0]) for k in t if k.startswith(prefix + "_text_model")}
+        if not layers:
+            continue
+        assert layers == {0, 1, 2} - set(dropped.get(prefix, [])), (prefix, layers)
+    fresh = build_tiny_pipeline(family)
+    with captured_logs() as logs:
+        fresh.load_lora_weights(str(res.lora_path))
+    assert load_complaints(logs) == []

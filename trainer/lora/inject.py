@@ -1,4 +1,4 @@
-"""Inject trainable PEFT LoRA layers into a frozen SD UNet and CLIP text encoders (lora-format.md §2.5, §11.1.5)."""
+"""Inject trainable PEFT LoRA layers into a frozen SD UNet and CLIP text encoders (docs/lora-format.md, 'Which modules we train')."""
 
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def unet_target_module_names(unet, lora_cfg) -> tuple[list[str], list[str]]:
                 if hit:
                     targets.append(f"{name}.{sub}")
         elif lora_cfg.conv_rank > 0 and _is_class(module, "ResnetBlock2D"):
-            # LoCon (§2.6): 3x3 convs at the conv rank; the Linear/1x1 layers of the block at the normal rank
+            # LoCon (docs/lora-format.md, 'Which modules we train'): 3x3 convs at the conv rank; the Linear/1x1 layers
+            # of the block at the normal rank
             for sub in ("conv1", "time_emb_proj", "conv2", "conv_shortcut"):
                 child = getattr(module, sub, None)
                 if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -123,7 +124,8 @@ def _drop_last_layers(te, tcfg, adapter_name: str, n_drop: int) -> None:
 
 def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg):
     from peft import LoraConfig as PeftLoraConfig
-    # kohya trains alpha 0 as alpha = rank (§2.7); doing the same keeps the file's alpha meaningful everywhere
+    # kohya trains alpha 0 as alpha = rank (docs/lora-format.md, 'Alpha and scale'); doing the same keeps the file's
+    # alpha meaningful everywhere
     alpha = lora_cfg.alpha or lora_cfg.rank
     conv_alpha = lora_cfg.conv_alpha or lora_cfg.conv_rank
     # exact module paths, so nothing outside the intended blocks is ever matched by a short name
@@ -146,7 +148,7 @@ def _finish(model, adapter_name: str, component: str, handles_modules: list) -> 
     params: list[torch.nn.Parameter] = []
     for name, layer in iter_lora_layers(model, adapter_name):
         for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
-            # fp32 master weights over a fp16/bf16 base (design.md §3.8)
+            # fp32 master weights over a fp16/bf16 base (docs/lora-format.md, 'dtypes')
             sub.float()
             for p in sub.parameters():
                 p.requires_grad_(True)

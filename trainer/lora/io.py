@@ -1,4 +1,4 @@
-"""Write LoRA files in kohya format and read every common SD LoRA layout into one internal form (lora-format.md §11)."""
+"""Write LoRA files in kohya format and read every common SD LoRA layout into one internal form (docs/lora-format.md)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ _OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.opt
 
 @dataclass
 class LoraModule:
-    """One LoRA module normalised to fp32 factors; ``rank`` always comes from the tensors (§2.7)."""
+    """One LoRA module normalised to fp32 factors; ``rank`` always comes from the tensors (docs/lora-format.md, 'Alpha and scale')."""
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
@@ -113,14 +113,15 @@ class SavedLora:
 # ================================================================================================== hashing
 
 def lora_addnet_hash(path: str | Path) -> str:
-    """The "addnet" hash (= Civitai AutoV3, ``sshs_model_hash``): SHA-256 of everything after the header (§7)."""
+    """The "addnet" hash (= Civitai AutoV3, ``sshs_model_hash``): SHA-256 of everything after the header (docs/lora-format.md, 'Hashes')."""
     path = Path(path)
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             n = header_length(head) if len(head) == 8 else -1
-            # a bogus length would hash an empty tail: the "hash of nothing" bug (§7, ai-toolkit #130)
+            # a bogus length would hash an empty tail: the "hash of nothing" bug (docs/lora-format.md, 'Hashes',
+            # ai-toolkit #130)
             if n < 2 or 8 + n > os.fstat(f.fileno()).st_size:
                 raise UserError(f"{path}: not a safetensors file (bad header length)", path=str(path))
             f.seek(8 + n)
@@ -149,7 +150,7 @@ def _adapter_layers(unet, text_encoders, adapter_name):
 
 
 def _file_alpha(layer, adapter_name: str) -> float:
-    """The alpha to store so that every reader's alpha/r equals the trained PEFT scaling (§11.1.3, §9.4)."""
+    """The alpha to store so that every reader's alpha/r equals the trained PEFT scaling (docs/lora-format.md, 'Alpha and scale')."""
     r = layer.r[adapter_name]
     alpha = float(layer.lora_alpha[adapter_name])
     if layer.use_rslora.get(adapter_name, False):
@@ -171,7 +172,7 @@ def _check_family(family: str) -> None:
 
 def kohya_state_dict(unet, text_encoders: list, *, family: str, save_precision: str = "fp16",
                      adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], list]:
-    """The tensors of the kohya file (§11.1.1-3) and the (component, path, layer, name) list they came from."""
+    """The tensors of the kohya file (docs/lora-format.md, 'Tensors and shapes') and the (component, path, layer, name) list they came from."""
     _check_family(family)
     dtype = SAVE_DTYPES[save_precision]
     layout = UnetLayout.from_unet(unet)
@@ -179,7 +180,8 @@ def kohya_state_dict(unet, text_encoders: list, *, family: str, save_precision: 
     written = []
     for component, path, layer in _adapter_layers(unet, text_encoders, adapter_name):
         if layer.use_dora.get(adapter_name, False):
-            raise RuntimeError(f"{component}:{path} uses DoRA, which the kohya format cannot carry (§9.1)")
+            raise RuntimeError(f"{component}:{path} uses DoRA, which the kohya format cannot carry "
+                               "(docs/lora-format.md, 'DoRA and LyCORIS')")
         if layer.lora_bias.get(adapter_name, False):
             raise RuntimeError(f"{component}:{path} has a LoRA bias, which the kohya format cannot carry")
         name = kohya_module_name(component, path, family, layout)
@@ -196,7 +198,7 @@ def kohya_state_dict(unet, text_encoders: list, *, family: str, save_precision: 
 
 def save_lora(path: str | Path, unet, text_encoders: list, *, family: str, metadata: dict[str, str],
               save_precision: str = "fp16", adapter_name: str = "default") -> SavedLora:
-    """Write the trained adapter as one kohya-format .safetensors (§11.1), then prove it reloads onto these models."""
+    """Write the trained adapter as one kohya-format .safetensors (docs/lora-format.md, 'Atomic write and self-check'), then prove it reloads onto these models."""
     from safetensors.torch import save as st_save
 
     path = Path(path)
@@ -213,7 +215,7 @@ def save_lora(path: str | Path, unet, text_encoders: list, *, family: str, metad
         raise RuntimeError(f"no LoRA layers of adapter {adapter_name!r} found: nothing to save")
 
     # Serialise once; the hash covers only the bytes after the header, so adding it to the metadata
-    # afterwards does not change it (§11.1.7).
+    # afterwards does not change it (docs/lora-format.md, 'Hashes').
     blob = st_save(tensors)
     digest = hashlib.sha256(memoryview(blob)[8 + header_length(blob):]).hexdigest()
     md = dict(metadata)
@@ -275,7 +277,7 @@ def _verify_written(path, digest, md, written, unet, text_encoders, family, adap
 
 def save_diffusers_lora(out_dir: str | Path, unet, text_encoders: list, *, family: str,
                         save_precision: str = "fp16", adapter_name: str = "default") -> Path:
-    """Optional second artifact: diffusers' pytorch_lora_weights.safetensors with PEFT keys and configs (§11.1.8).
+    """Optional second artifact: diffusers' pytorch_lora_weights.safetensors with PEFT keys and configs (docs/lora-format.md, 'The diffusers/PEFT file').
 
     Only diffusers reads it correctly (A1111/ComfyUI need the kohya file). TE keys use the fixed
     ``text_model.encoder...`` template so the file does not depend on the transformers version.
@@ -346,7 +348,7 @@ def build_metadata(cfg, *, family: str, prediction_type: str, base_model_name: s
                    tag_frequency: dict, dataset_dirs: dict, bucket_info: dict,
                    resolved_config_toml: str, num_reg_images: int = 0,
                    reg_dataset_dirs: dict | None = None) -> dict[str, str]:
-    """The ``ss_*`` and ``modelspec.*`` keys of §11.1.6 (shapes of §6.1) plus our ``lorastudio.*`` keys.
+    """The ``ss_*`` and ``modelspec.*`` keys of docs/lora-format.md, 'Metadata' plus our ``lorastudio.*`` keys.
 
     The hash keys are added by save_lora.
     """
@@ -587,7 +589,7 @@ def _open_safetensors(path: Path):
 
 
 def read_lora(path: str | Path, *, allow_partial: bool = False) -> LoraFile:
-    """Read a kohya/LyCORIS-LoCon, PEFT/diffusers or ComfyUI-generic LoRA into the internal form (§11.2)."""
+    """Read a kohya/LyCORIS-LoCon, PEFT/diffusers or ComfyUI-generic LoRA into the internal form (docs/lora-format.md, 'What we read')."""
     path = Path(path)
     raw: dict[tuple[str, str], dict[str, tuple[str, str, torch.Tensor]]] = {}
     unknown: list[str] = []
@@ -647,9 +649,11 @@ def read_lora(path: str | Path, *, allow_partial: bool = False) -> LoraFile:
             cfg = adapter_md[component]
             live_name = down_key.rsplit(".lora_", 1)[0].removeprefix(component + ".")
             a = float(_pattern_value(cfg.get("alpha_pattern"), live_name, cfg.get("lora_alpha", rank)))
-            alpha = a * math.sqrt(rank) if cfg.get("use_rslora") else a  # so alpha/r = alpha/sqrt(r) (§9.4)
+            # so alpha/r = alpha/sqrt(r) (docs/lora-format.md, 'Alpha and scale')
+            alpha = a * math.sqrt(rank) if cfg.get("use_rslora") else a
         else:
-            alpha = float(rank)  # what kohya and diffusers assume when alpha is absent (§2.7)
+            # what kohya and diffusers assume when alpha is absent (docs/lora-format.md, 'Alpha and scale')
+            alpha = float(rank)
         if alpha == 0.0 and fmt == "kohya":
             alpha = float(rank)  # kohya trains alpha 0 as alpha = r
         keys_used = tuple(k for _, k, _ in slot.values())
@@ -742,7 +746,8 @@ def match_modules(lora_file: LoraFile, unet, text_encoders: list, *, family: str
                         f"or another LoRA", path=str(lora_file.path))
     claimed = _metadata_family(lora_file.metadata)
     if claimed is not None and claimed != want:
-        # the tensors fit (checked below) but the file says otherwise: tell the user, do not refuse (§11.2)
+        # the tensors fit (checked below) but the file says otherwise: tell the user, do not refuse
+        # (docs/lora-format.md, 'What we read')
         log.warning("%s: its metadata says it is for %s models, but its layers fit the loaded %s model",
                     name, FAMILY_LABELS[claimed], FAMILY_LABELS[want])
     roots = {"unet": unet}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class UnetLayout:
-    """What the diffusers <-> LDM index arithmetic needs to know about a UNet (lora-format.md §3.3)."""
+    """What the diffusers <-> LDM index arithmetic needs to know about a UNet (docs/lora-format.md, 'Module names')."""
     layers_per_block: int = 2
     up_has_attention: tuple[bool, ...] = ()
 
@@ -179,7 +179,7 @@ def unflatten(name: str) -> str:
 def parse_unet_name(name: str, layers_per_block: int = 2) -> tuple[str, str] | None:
     """A flattened UNet module name (kohya, after ``lora_unet_``) -> (dialect, diffusers path) or None.
 
-    The diffusers dialect (kohya SD1) is tried first, then the SGM/LDM dialect (kohya SDXL), §11.2.
+    The diffusers dialect (kohya SD1) is tried first, then the SGM/LDM dialect (kohya SDXL) (docs/lora-format.md, 'What we read').
     """
     path = unflatten(name)
     if is_diffusers_unet_path(path):
@@ -200,7 +200,7 @@ def parse_ldm_path(path: str, layers_per_block: int = 2) -> str | None:
 
 
 def kohya_unet_name(path: str, family: str, layout: UnetLayout) -> str:
-    """``lora_unet_`` name: diffusers dialect for SD1/SD2, SGM dialect for SDXL (§11.1.2)."""
+    """``lora_unet_`` name: diffusers dialect for SD1/SD2, SGM dialect for SDXL (docs/lora-format.md, 'Module names')."""
     if family == "sdxl":
         return "lora_unet_" + flatten(diffusers_to_ldm(path, layout))
     return "lora_unet_" + flatten(path)
@@ -223,7 +223,7 @@ def te_canonical_path(path: str) -> str | None:
 
 
 def te_prefixes(num_text_encoders: int) -> list[str]:
-    """kohya picks lora_te1/lora_te2 whenever there is more than one text encoder (§2.3)."""
+    """kohya picks lora_te1/lora_te2 whenever there is more than one text encoder (docs/lora-format.md, 'Module names')."""
     return ["lora_te"] if num_text_encoders == 1 else [f"lora_te{i + 1}" for i in range(num_text_encoders)]
 
 

@@ -64,7 +64,8 @@ def test_kohya_targets_and_locon(family):
             assert layer.r["default"] == rank and layer.lora_alpha["default"] == alpha
             assert math.isclose(h.scaling_of("unet", f"{r}.{sub}"), alpha / rank)
         if unet.get_submodule(r).conv_shortcut is not None:
-            assert layers[("unet", f"{r}.conv_shortcut")].r["default"] == 8  # 1x1: normal rank (§2.6)
+            # 1x1: normal rank (docs/lora-format.md, 'Which modules we train')
+            assert layers[("unet", f"{r}.conv_shortcut")].r["default"] == 8
     for s in samplers:
         assert layers[("unet", f"{s}.conv")].r["default"] == 2
     # nothing outside transformers/resnets/samplers: conv_in, conv_out, time embedding stay plain
@@ -143,7 +144,7 @@ def test_unet_target_module_names_does_not_modify():
 
 
 def test_alpha_zero_means_alpha_equals_rank():
-    """kohya's convention (lora-format.md §2.7), so a file never carries alpha 0."""
+    """kohya's convention (docs/lora-format.md, 'Alpha and scale'), so a file never carries alpha 0."""
     pipe = build_tiny_pipeline("sd1")
     h = inject_lora(pipe.unet, [pipe.text_encoder], lora_cfg(rank=8, alpha=0.0, conv_rank=4, conv_alpha=0.0),
                     train_text_encoder=False)

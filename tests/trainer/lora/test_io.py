@@ -9,7 +9,8 @@ import struct
 
 import pytest
 import torch
-from tests.fixtures.lora_files import (captured_logs, load_complaints, ldm_module_map, lora_layer_paths, metadata_for,  # noqa: F401
+# noqa: F401
+from tests.fixtures.lora_files import (captured_logs, load_complaints, ldm_module_map, lora_layer_paths, metadata_for,
                            one_torch_thread, te_out, text_encoders_of, trained_pipeline, unet_out)
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -106,7 +107,7 @@ def test_diffusers_loads_export_exactly(trained):
     assert (unet_out(fresh.unet) - unet_out(pipe.unet)).abs().max() < 1e-4
     for te_a, te_b in zip(text_encoders_of(fresh), text_encoders_of(pipe)):
         assert (te_out(te_a) - te_out(te_b)).abs().max() < 1e-4
-    # strength 0 is the base model (§11.3 / test 5)
+    # strength 0 is the base model (docs/lora-format.md, 'Several LoRAs at once')
     fresh.set_adapters(["ours"], adapter_weights=[0.0])
     assert (unet_out(fresh.unet) - base_out).abs().max() < 1e-6
 
@@ -373,7 +374,8 @@ def test_diffusers_save_lora_weights_files(tmp_path):
         out = {}
         for (comp, n), layer in layers.items():
             down, up = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-            scale = float(layer.scaling["default"]) if with_meta else 1.0  # no metadata: alpha = r (§4.3.7)
+            # no metadata: alpha = r (docs/lora-format.md, 'The diffusers/PEFT file')
+            scale = float(layer.scaling["default"]) if with_meta else 1.0
             out[_key(comp, n)] = (down, up, scale)
         return out
 
@@ -612,7 +614,7 @@ def test_linear_shaped_factors_on_1x1_conv(tmp_path):
 
 
 def test_rslora_alpha_is_encoded_and_dora_refused(tmp_path):
-    """rsLoRA is written as alpha*sqrt(r) so every reader's alpha/r is the trained scale (§9.4); DoRA cannot go in."""
+    """rsLoRA is written as alpha*sqrt(r) so every reader's alpha/r is the trained scale (docs/lora-format.md, 'Alpha and scale'); DoRA cannot go in."""
     from peft import LoraConfig
 
     pipe = build_tiny_pipeline("sd1")

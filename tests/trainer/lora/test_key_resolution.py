@@ -1,4 +1,4 @@
-"""Our exported key names resolve 100% under re-implementations of A1111's and ComfyUI's key rules (§3-§4, §11.3)."""
+"""Our exported key names resolve 100% under re-implementations of A1111's and ComfyUI's key rules (docs/lora-format.md, 'Module names')."""
 
 from __future__ import annotations
 
@@ -257,7 +257,7 @@ def test_keymap_arithmetic_matches_independent_ldm_map():
 
 
 @pytest.mark.parametrize("name,expected", [
-    # lora-format.md §3.1 / §3.2 tables
+    # docs/lora-format.md, 'Module names'
     ("down_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k",
      "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"),
     ("up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj",
@@ -300,7 +300,7 @@ def test_exported_names_follow_policy(exported):
     else:
         assert all(re.match(r"lora_unet_(down_blocks|mid_block|up_blocks)_", m) for m in unet_names)
         assert {m.split("_text_model")[0] for m in te_names} == {"lora_te"}
-    # §11.3.5: TE names come from the fixed template under transformers 5 too
+    # docs/lora-format.md, 'Interop hazards': TE names come from the fixed template under transformers 5 too
     assert all("_text_model_encoder_layers_" in m for m in te_names)
     assert len(modules) == len(handles.modules)
 
@@ -322,7 +322,7 @@ def test_comfyui_resolves_every_key(exported):
 
 
 def test_a1111_would_drop_incomplete_te2_attention():
-    """The te2 rule our exporter avoids by always training q, k, v and out together (§11.1.5)."""
+    """The te2 rule our exporter avoids by always training q, k, v and out together (docs/lora-format.md, 'Which modules we train')."""
     from tests.fixtures.tiny_models import build_tiny_pipeline
     pipe = build_tiny_pipeline("sdxl")
     mapping = a1111_layer_mapping("sdxl", pipe)
@@ -330,7 +330,8 @@ def test_a1111_would_drop_incomplete_te2_attention():
             for p in ("q", "k", "v") for r in ("lora_down.weight", "lora_up.weight", "alpha")]
     matched, failed = a1111_load(keys, mapping)
     assert failed == [] and len(a1111_unapplied(matched, mapping)) == 3
-    # and why SDXL files must use SGM names (§10.5): the diffusers-named upsampler is dropped
+    # and why SDXL files must use SGM names (docs/lora-format.md, 'Interop hazards'): the diffusers-named upsampler is
+    # dropped
     _, failed = a1111_load(["lora_unet_up_blocks_0_upsamplers_0_conv.lora_down.weight"], mapping)
     assert failed
 

@@ -115,22 +115,6 @@ def settings_table(markdown: bool = False) -> str:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def _numbers(text: str, what: str, cast=float) -> list:
-    from trainer.errors import UserError
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            out.append(cast(part))
-        except ValueError:
-            raise UserError(f"--{what}: '{part}' is not a {'whole ' if cast is int else ''}number") from None
-    if not out:
-        raise UserError(f"--{what}: give at least one value")
-    return out
-
-
 def _check_out(path: str):
     from pathlib import Path
 
@@ -226,11 +210,11 @@ def _grid(args) -> int:
     from trainer.errors import UserError
     from trainer.generate.engine import save_image
     from trainer.generate.library import list_lora_saves
-    from trainer.generate.settings import check, check_grid_size
+    from trainer.generate.settings import check, check_grid_size, parse_numbers
 
     out = _check_out(args.out)
-    weights = _numbers(args.weights, "weights")
-    seeds = [check("seed", s, "--seeds") for s in _numbers(args.seeds, "seeds", int)]
+    weights = parse_numbers(args.weights, "--weights")
+    seeds = [check("seed", s, "--seeds") for s in parse_numbers(args.seeds, "--seeds", int)]
     prompts = args.prompts or []
     if args.checkpoints and prompts:
         raise UserError("grid: use either --checkpoints or --prompts, not both")

@@ -67,3 +67,19 @@ def check_grid_size(cells: int, max_cells: int = MAX_GRID_CELLS) -> None:
     limit = min(int(max_cells), MAX_GRID_CELLS)
     if cells > limit:
         raise UserError(f"grid: {cells} pictures is too many for one grid (at most {limit})", field="grid")
+
+
+def parse_numbers(text: str, what: str, cast=float) -> list:
+    """A grid's list of weights or seeds as typed ("0, 0.5, 1"; ';' works too), or a one-line error naming
+    ``what`` (the flag or the field)."""
+    out = []
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if part:
+            try:
+                out.append(cast(part))
+            except ValueError:
+                raise UserError(f"{what}: '{part}' is not a {'whole ' if cast is int else ''}number") from None
+    if not out:
+        raise UserError(f"{what}: give at least one value, e.g. {'1, 2' if cast is int else '0, 0.5, 1'}")
+    return out

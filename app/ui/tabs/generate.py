@@ -30,20 +30,6 @@ SETTING_KEYS = ("steps", "guidance_scale", "width", "height", "sampler", "batch"
 ELEM_IDS = (("guidance_scale", "g-cfg"), ("clip_skip", "g-clip-skip"))  # the rest: g-<name>
 
 
-def numbers(text: str, what: str, cast=float) -> list:
-    out = []
-    for part in str(text or "").replace(";", ",").split(","):
-        part = part.strip()
-        if part:
-            try:
-                out.append(cast(part))
-            except ValueError:
-                raise UserError(f"{what}: '{part}' is not a {'whole ' if cast is int else ''}number") from None
-    if not out:
-        raise UserError(f"{what}: give at least one value, e.g. {'1, 2' if cast is int else '0, 0.5, 1'}")
-    return out
-
-
 def specs(rows: list[dict]):
     from trainer.generate.engine import LoraSpec
     out = []
@@ -230,8 +216,8 @@ def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
         kw.pop("batch")
         if not rows:
             raise UserError("add a LoRA first: the grid varies the first LoRA's weight")
-        weights = numbers(weights_text, "grid weights")
-        seeds = [S.check("seed", s) for s in numbers(seeds_text, "grid seeds", int)]
+        weights = S.parse_numbers(weights_text, "grid weights")
+        seeds = [S.check("seed", s) for s in S.parse_numbers(seeds_text, "grid seeds", int)]
         S.check_grid_size(len(weights) * len(seeds))
         lora_specs = specs(rows)
         with state.gen.lock:

@@ -56,3 +56,14 @@ def test_engine_reexports_the_split_modules():
     for name in ("inspect_lora", "format_inspection"):
         assert getattr(engine, name) is getattr(inspection, name)
     assert not hasattr(engine, "list_checkpoints")  # renamed: train.checkpoint.list_checkpoints is another thing
+
+
+def test_grid_lists_parse_the_same_for_the_cli_and_the_gui():
+    from trainer.errors import UserError
+    from trainer.generate.settings import parse_numbers
+    assert parse_numbers("0, 0.5;1", "--weights") == [0.0, 0.5, 1.0]
+    assert parse_numbers("1,2", "grid seeds", int) == [1, 2]
+    with pytest.raises(UserError, match="--seeds: '1.5' is not a whole number"):
+        parse_numbers("1, 1.5", "--seeds", int)
+    with pytest.raises(UserError, match="grid weights: give at least one value"):
+        parse_numbers(" , ", "grid weights")

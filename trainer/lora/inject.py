@@ -103,7 +103,7 @@ def untrainable_te_layers(family: str, clip_skip: int) -> list[int]:
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def _drop_last_layers(te, tcfg, adapter_name: str, n_drop: int) -> None:
+def _drop_last_layers(te, tcfg, n_drop: int) -> None:
     """Take the LoRA back out of the last ``n_drop`` encoder layers (put the base Linear back in place) and out
     of the config. Injected first and removed after, so the random draws of every other layer's init, and with
     them the tensors of every other module, are the same as without the removal."""
@@ -188,7 +188,7 @@ def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool
         tcfg = _peft_config(text_encoder_target_module_names(te, lora_cfg), [], lora_cfg)
         # transformers 5's add_adapter wants peft>=0.22; peft's own injection works on any version
         inject_adapter_in_model(tcfg, te, adapter_name)
-        _drop_last_layers(te, tcfg, adapter_name, skip_last_layers[i] if i < len(skip_last_layers) else 0)
+        _drop_last_layers(te, tcfg, skip_last_layers[i] if i < len(skip_last_layers) else 0)
         configs[TE_COMPONENTS[i]] = tcfg
         te_params.append(_finish(te, adapter_name, TE_COMPONENTS[i], modules))
     return LoraHandles(adapter_name, unet_params, te_params, modules, configs)

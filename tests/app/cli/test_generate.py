@@ -10,17 +10,11 @@ import torch
 from PIL import Image
 
 from app.cli import main
-from tests.fixtures.lora_files import make_lora
+from tests.fixtures.lora_files import make_lora, one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 IMG = ["--steps", "2", "--width", "64", "--height", "64", "--cfg", "5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from trainer.errors import UserError
 
-from tests.fixtures.lora_files import make_lora
+from tests.fixtures.lora_files import make_lora, one_torch_thread  # noqa: F401 (autouse: one torch thread)
 
 SIZE = dict(width=64, height=64, steps=2, guidance_scale=5.0)
 
@@ -21,13 +21,6 @@ SIZE = dict(width=64, height=64, steps=2, guidance_scale=5.0)
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared 2-core machine torch's thread pool spins against other processes: one thread is 10x faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _base(model_dir: Path):

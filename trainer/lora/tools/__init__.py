@@ -1,0 +1,1 @@
+"""LoRA tools: bake, resize, merge and extract."""

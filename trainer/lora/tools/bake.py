@@ -1,0 +1,318 @@
+"""Bake LoRAs into a base model: one single-file checkpoint (LDM/SGM keys) or a diffusers folder.
+
+The base is loaded once, in the output dtype, with the project's loader; every LoRA module's delta is added to
+its layer in fp32 and cast back, one layer at a time, so the model's weights are never held twice. The
+single-file writer (:func:`trainer.models.ldm_export.save_single_file`) then serialises references to those
+weights. Nothing is written under the output name until the whole file (or folder) is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from trainer.errors import UserError, first_line
+
+#: the safetensors metadata key (and JSON field) that says which tool made a file
+TOOL_KEY = "lorastudio_tool"
+#: the JSON written into a ``--diffusers`` folder with the same record the single file carries as metadata
+DIFFUSERS_RECORD = "lorastudio_bake.json"
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class BakedLora:
+    """One LoRA as it went into the checkpoint."""
+    path: Path
+    name: str
+    addnet_hash: str
+    te_weight: float
+    unet_weight: float
+    dyn: int | None
+    modules: int  # modules of the file fused into the model (a part at weight 0 adds none)
+
+    def record(self) -> dict:
+        return {"file": self.path.name, "path": str(self.path), "sshs_model_hash": self.addnet_hash,
+                "te_weight": self.te_weight, "unet_weight": self.unet_weight, "dyn": self.dyn,
+                "modules": self.modules}
+
+
+@dataclass
+class BakeResult:
+    """What was written: the file or folder, its size in bytes, and each LoRA with the modules fused."""
+    path: Path
+    size: int
+    family: str
+    prediction_type: str
+    dtype: str
+    diffusers: bool
+    loras: list[BakedLora] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def size_text(self) -> str:
+        """The size as people read it: '2.0 GiB', '16.3 MiB'."""
+        n = float(self.size)
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if n < 1024 or unit == "GiB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            n /= 1024
+        return f"{self.size} B"
+
+
+def bake(base: str | Path, loras: Sequence, out: str | Path, *, dtype: str = "fp16", diffusers: bool = False,
+         overwrite: bool = False, family: str = "auto", allow_partial: bool = False,
+         progress: Progress | None = None) -> BakeResult:
+    """Fuse ``loras`` (``LoraSpec`` or ``FILE:W`` / ``FILE:TE:UNET`` text) into ``base`` and write ``out``.
+
+    ``out`` is a ``.safetensors`` file, or with ``diffusers=True`` a folder. Bad input (files, families, shapes,
+    an existing output without ``overwrite``) is a one-line ``UserError`` raised before anything is written.
+    """
+    import torch
+
+    from trainer.lora.io import SAVE_DTYPES
+
+    start = time.perf_counter()
+    if dtype not in SAVE_DTYPES:
+        raise UserError(f"--dtype {dtype}: not one of {', '.join(SAVE_DTYPES)}", field="dtype")
+    torch_dtype = SAVE_DTYPES[dtype]
+    out = _check_out(Path(out).expanduser(), diffusers=diffusers, overwrite=overwrite)
+    specs = _read_loras(loras, allow_partial, progress)
+    if not specs:
+        raise UserError("bake: give at least one --lora FILE[:WEIGHT]")
+    inputs = {_same_file_key(s[1].path) for s in specs}
+    if _same_file_key(out) in inputs:
+        raise UserError(f"{out}: the output would overwrite one of the LoRA files; choose another name",
+                        path=str(out))
+    base_path = Path(str(base)).expanduser()
+    if base_path.exists() and _same_file_key(out) == _same_file_key(base_path):
+        raise UserError(f"{out}: the output would overwrite the base model; choose another name", path=str(out))
+
+    _step(progress, "loading base model", 0, 1)
+    model = _load_base(str(base), family, torch_dtype)
+    _step(progress, "loading base model", 1, 1)
+
+    plan, baked = _match(model, specs, allow_partial)
+    _fuse(plan, progress)
+
+    meta = _record(model, baked, dtype)
+    _step(progress, "writing", 0, 1)
+    if diffusers:
+        size = _write_diffusers(model, out, meta)
+    else:
+        size = _write_single_file(model, out, meta, torch_dtype)
+    _step(progress, "writing", 1, 1)
+    return BakeResult(out, size, model.family, model.prediction_type, dtype, diffusers, baked,
+                      time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------- checks
+
+
+def _step(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def _same_file_key(path: Path) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _check_out(out: Path, *, diffusers: bool, overwrite: bool) -> Path:
+    flag = "--diffusers" if diffusers else "--out"
+    if diffusers:
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{flag} {out}: a file is there, not a folder; choose another name", path=str(out))
+        if out.exists() and not overwrite:
+            raise UserError(f"{flag} {out}: the folder exists; give --overwrite to replace it", path=str(out))
+    else:
+        if out.suffix.lower() != ".safetensors":
+            raise UserError(f"{flag} {out}: the checkpoint must be a .safetensors file", path=str(out))
+        if out.is_dir():
+            raise UserError(f"{flag} {out} is a folder; give a .safetensors file name", path=str(out))
+        if out.exists() and not overwrite:
+            raise UserError(f"{flag} {out}: the file exists; give --overwrite to replace it", path=str(out))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {out}: cannot create its folder ({e.strerror or first_line(e)})",
+                        path=str(out)) from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"{flag} {out}: the folder {out.parent} is not writable", path=str(out))
+    return out
+
+
+def _read_loras(loras: Sequence, allow_partial: bool, progress: Progress | None) -> list:
+    """[(LoraSpec, LoraFile)] with the weights checked: every file is read before the (slow) model load."""
+    from trainer.generate.engine import LoraSpec
+    from trainer.generate.library import resolve_lora
+    from trainer.lora.io import read_lora
+
+    out = []
+    for i, item in enumerate(loras):
+        spec = LoraSpec.parse(item) if isinstance(item, str) else item
+        what = f"--lora {item}" if isinstance(item, str) else f"LoRA {spec.source}"
+        for w, part in ((spec.te, "te weight"), (spec.unet, "unet weight")):
+            if not math.isfinite(w):
+                raise UserError(f"{what}: the {part} {w!r} is not a number")
+        if spec.dyn is not None and (not isinstance(spec.dyn, int) or spec.dyn < 1):
+            raise UserError(f"{what}: dyn {spec.dyn!r} must be a whole number >= 1")
+        path = resolve_lora(str(spec.source))
+        try:
+            lora = read_lora(path, allow_partial=allow_partial)
+        except UserError:
+            raise
+        except Exception as e:  # a reader bug must still reach the user as one line naming the file
+            raise UserError(f"LoRA file {path}: not a readable LoRA ({type(e).__name__}: {first_line(e)})",
+                            path=str(path)) from None
+        spec.name = spec.name or path.stem
+        out.append((spec, lora))
+        _step(progress, "reading LoRAs", i + 1, len(loras))
+    return out
+
+
+def _load_base(source: str, family: str, torch_dtype):
+    from trainer.config import ModelConfig
+    from trainer.models.loading import load_base_model
+
+    try:
+        return load_base_model(ModelConfig(base=source, family=family), dtype=torch_dtype, device="cpu")
+    except UserError:
+        raise
+    except Exception as e:  # whatever a library raises on a damaged file: one line naming the base
+        raise UserError(f"{source}: cannot load the base model ({type(e).__name__}: {first_line(e)})",
+                        path=source) from None
+
+
+# ------------------------------------------------------------------------------------------------- fusing
+
+
+def _match(model, specs: list, allow_partial: bool) -> tuple[dict, list[BakedLora]]:
+    """layer -> [(multiplier, LoraModule, dyn)] for every LoRA, and what each LoRA contributes."""
+    from trainer.lora.io import match_modules
+
+    plan: dict = {}
+    baked = []
+    tes = list(model.text_encoders or [])
+    for spec, lora in specs:
+        targets = match_modules(lora, model.unet, tes, family=model.family, allow_partial=allow_partial)
+        if not targets:
+            raise UserError(f"{lora.path}: none of its {len(lora.modules)} modules matches a layer of the base "
+                            f"model; it was made for another model", path=str(lora.path))
+        n = 0
+        for key, layer in targets.items():
+            m = spec.unet if key.startswith("unet:") else spec.te
+            if m == 0:
+                continue
+            plan.setdefault(layer, []).append((m, lora.modules[key], spec.dyn))
+            n += 1
+        baked.append(BakedLora(Path(lora.path), str(spec.name), lora.addnet_hash, spec.te, spec.unet, spec.dyn, n))
+    return plan, baked
+
+
+def _module_delta(lm, multiplier: float, dyn: int | None, shape):
+    """ΔW of one module at ``multiplier`` (fp32); ``dyn`` keeps the first ranks of a plain LoRA at its scale."""
+    from trainer.lora.io import LoraModule
+
+    if dyn is not None and lm.mid is None and dyn < lm.rank:
+        lm = LoraModule(lm.down[:dyn], lm.up[:, :dyn], lm.scale * dyn)
+    return lm.delta(multiplier, shape)
+
+
+def _fuse(plan: dict, progress: Progress | None) -> None:
+    """W = W0 + sum m * ΔW per layer, in fp32, written back in the layer's dtype (in place for fp32)."""
+    import torch
+
+    total = len(plan)
+    with torch.no_grad():
+        for i, (layer, items) in enumerate(plan.items()):
+            w = layer.weight
+            in_place = w.dtype == torch.float32
+            acc = w.data if in_place else w.detach().to(torch.float32)
+            for m, lm, dyn in items:
+                acc.add_(_module_delta(lm, m, dyn, w.shape).to(acc.device))
+            if not in_place:
+                w.data.copy_(acc.to(w.dtype))
+            del acc
+            _step(progress, "fusing", i + 1, total)
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def _record(model, baked: list[BakedLora], dtype: str) -> dict[str, str]:
+    """How the checkpoint was made, as string metadata (single file) or JSON fields (diffusers folder)."""
+    from trainer import __version__
+
+    return {
+        TOOL_KEY: "bake",
+        "lorastudio_version": __version__,
+        "lorastudio_base": model.source,
+        "lorastudio_base_name": model.name,
+        "lorastudio_family": model.family,
+        "lorastudio_dtype": dtype,
+        "lorastudio_loras": json.dumps([b.record() for b in baked], ensure_ascii=False),
+        "lorastudio_baked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _temp_name(out: Path, tag: str) -> Path:
+    return out.with_name(f".{out.name}.{os.getpid()}.{tag}")
+
+
+def _write_single_file(model, out: Path, meta: dict, torch_dtype) -> int:
+    from trainer.models.ldm_export import save_single_file
+
+    pipe = model.make_pipeline()
+    tmp = _temp_name(out, "partial.safetensors")
+    leftovers = (tmp, tmp.with_name(tmp.name + ".tmp"))  # save_single_file's own temporary
+    try:
+        save_single_file(pipe, tmp, dtype=torch_dtype, metadata={**meta, "modelspec.title": out.stem})
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the checkpoint ({e.strerror or first_line(e)})",
+                        path=str(out)) from None
+    finally:
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+    return out.stat().st_size
+
+
+def _write_diffusers(model, out: Path, meta: dict) -> int:
+    import diffusers.utils.logging as dlog
+
+    pipe = model.make_pipeline()
+    bar = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()  # its per-shard bar would run over the caller's progress
+    tmp = _temp_name(out, "partial")
+    old = _temp_name(out, "old")
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        record = {k: (json.loads(v) if k == "lorastudio_loras" else v) for k, v in meta.items()}
+        (tmp / DIFFUSERS_RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n",
+                                            encoding="utf-8")
+        moved = out.exists()
+        if moved:  # --overwrite: the old folder steps aside, and comes back if the new one cannot take its place
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if moved:
+                os.replace(old, out)
+            raise
+    except OSError as e:
+        raise UserError(f"{out}: could not write the diffusers folder ({e.strerror or first_line(e)})",
+                        path=str(out)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if bar:
+            dlog.enable_progress_bar()
+    return sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

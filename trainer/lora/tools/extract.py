@@ -11,13 +11,11 @@ import torch
 
 from trainer.errors import UserError
 from trainer.lora.keymap import TE_COMPONENTS, UnetLayout, te_canonical_path
+from trainer.lora.tools import EXTRACT_THRESHOLD
 from trainer.lora.tools.resize import check_layer_rank
 from trainer.lora.tools.svd import Dynamic, check_rank, choose_rank, energy, svd_of_matrix, to_module
 from trainer.lora.tools.write import (ModuleReport, ToolResult, base_metadata, check_output, tool_metadata,
                                       write_lora)
-
-#: default --threshold: layers whose ||TUNED - BASE|| / ||BASE|| is below it are left out
-THRESHOLD = 1e-4
 
 
 def _load(source: str | Path, what: str):
@@ -67,7 +65,7 @@ def _file_hash(source: str) -> str | None:
 
 
 def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, rank: int, conv_rank: int | None = None,
-                 threshold: float = THRESHOLD, dynamic: Dynamic | None = None, save_precision: str = "fp16",
+                 threshold: float = EXTRACT_THRESHOLD, dynamic: Dynamic | None = None, save_precision: str = "fp16",
                  overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ToolResult:
     """Write the LoRA whose delta best approximates ``tuned`` - ``base`` (Frobenius norm, per layer) to ``out``.
 

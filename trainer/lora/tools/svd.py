@@ -10,9 +10,7 @@ import torch
 
 from trainer.errors import UserError
 from trainer.lora.io import LoraModule
-
-#: kohya resize_lora's dynamic rank modes: value in (0, 1] for the two shares, > 1 allowed for sv_ratio
-DYNAMIC_MODES = ("sv_fro", "sv_ratio", "sv_cumulative")
+from trainer.lora.tools import DYNAMIC_MODES
 
 
 @dataclass(frozen=True)

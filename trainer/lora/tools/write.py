@@ -19,9 +19,7 @@ from trainer.errors import UserError
 from trainer.lora.io import (ARCHITECTURES, IMPLEMENTATIONS, SAVE_DTYPES, LoraFile, LoraModule, kohya_module_name,
                              lora_addnet_hash, read_lora)
 from trainer.lora.keymap import TE_COMPONENTS, UnetLayout, parse_unet_name
-
-#: dtypes a tool can write its factors in (alpha is always float32)
-PRECISIONS = ("fp16", "bf16", "fp32")
+from trainer.lora.tools import PRECISIONS
 #: largest relative Frobenius error of a delta read back, per dtype of the factors
 _TOLERANCE = {"fp16": 5e-3, "bf16": 4e-2, "fp32": 1e-5}
 #: SDXL's up blocks: attention in the first two (where the SGM name of an upsampler conv depends on it)

@@ -85,14 +85,6 @@ def _progress(name: str):
     return lambda done, total: bar(Phase(name=name, done=done, total=total))
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024 or unit == "MiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def _report(result) -> None:
     """Per module the rank kept and the retained Frobenius share, then the whole file's."""
     for m in result.modules:
@@ -101,7 +93,7 @@ def _report(result) -> None:
     ranks = Counter(m.rank_out for m in result.modules)
     rank_text = ", ".join(f"rank {r}: {n}" for r, n in sorted(ranks.items(), reverse=True))
     left = f", {len(result.left_out)} layers left out (below the threshold)" if result.left_out else ""
-    print(f"wrote {w.path} ({w.num_modules} modules, {_size(w.size_bytes)}; {rank_text}{left}); "
+    print(f"wrote {w.path} ({w.num_modules} modules, {w.size_text}; {rank_text}{left}); "
           f"the whole file keeps {result.kept:.2%} of the Frobenius norm")
 
 

@@ -44,6 +44,12 @@ class Written:
     size_bytes: int
     ranks: dict[str, int]  # module key -> rank
 
+    @property
+    def size_text(self) -> str:
+        """The file size as people read it: '136.6 KiB', '72.0 MiB'."""
+        kib = self.size_bytes / 1024
+        return f"{kib:.1f} KiB" if kib < 1024 else f"{kib / 1024:.1f} MiB"
+
 
 @dataclass(frozen=True)
 class ModuleReport:

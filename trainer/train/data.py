@@ -198,36 +198,44 @@ class LatentCache:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return dist.mean.float()  # the mode: deterministic, as kohya's cache effectively is at small std
 
-    def build(self, indices: list[int], progress: Callable[[int, int], None], skip: Callable[[int, str], None]):
-        """Encode every (example, flip) once; examples that fail to decode are reported through skip()."""
-        from safetensors.torch import load_file, save_file
+    def build(self, indices: list[int], progress: Callable[[int, int], bool | None],
+              skip: Callable[[int, str], None]) -> bool:
+        """Encode every (example, flip) once; examples that fail to decode are reported through skip().
+
+        ``progress(done, total)`` runs after each one; when it returns False the build stops there and
+        returns False (a Stop pressed while caching). Returns True when every latent is in the cache.
+        """
         todo = [(i, f) for i in indices for f in self.flips]
         for n, (i, f) in enumerate(todo):
-            path = None
-            if self.disk_dir is not None:
-                path = self.disk_dir / f"{self._key(i, f)}.safetensors"
-                if path.exists():
-                    try:
-                        self.mem[(i, f)] = load_file(str(path))["latent"]
-                        progress(n + 1, len(todo))
-                        continue
-                    except Exception:  # a damaged cache entry is just re-made
-                        path.unlink(missing_ok=True)
-            try:
-                lat = self.encode(load_pixels(self.data.examples[i], f)[None])[0].cpu()
-            except ImageError as e:
-                msg = str(e)
-                prefix = f"{self.data.examples[i].path}: "
-                skip(i, msg[len(prefix):] if msg.startswith(prefix) else msg)
-                progress(n + 1, len(todo))
-                continue
-            self.mem[(i, f)] = lat
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                save_file({"latent": lat.contiguous()}, str(tmp))
-                tmp.replace(path)
-            progress(n + 1, len(todo))
+            self._build_one(i, f, skip)
+            if progress(n + 1, len(todo)) is False:
+                return False
+        return True
+
+    def _build_one(self, i: int, f: bool, skip: Callable[[int, str], None]) -> None:
+        from safetensors.torch import load_file, save_file
+        path = None
+        if self.disk_dir is not None:
+            path = self.disk_dir / f"{self._key(i, f)}.safetensors"
+            if path.exists():
+                try:
+                    self.mem[(i, f)] = load_file(str(path))["latent"]
+                    return
+                except Exception:  # a damaged cache entry is just re-made
+                    path.unlink(missing_ok=True)
+        try:
+            lat = self.encode(load_pixels(self.data.examples[i], f)[None])[0].cpu()
+        except ImageError as e:
+            msg = str(e)
+            prefix = f"{self.data.examples[i].path}: "
+            skip(i, msg[len(prefix):] if msg.startswith(prefix) else msg)
+            return
+        self.mem[(i, f)] = lat
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"latent": lat.contiguous()}, str(tmp))
+            tmp.replace(path)
 
     def get(self, i: int, flip: bool) -> torch.Tensor:
         hit = self.mem.get((i, flip))

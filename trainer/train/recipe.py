@@ -1,4 +1,10 @@
-"""The training loop: train(config, on_event, should_stop) is the only way to train a LoRA."""
+"""The training recipe: train(config, on_event, should_stop) is the only way to train a LoRA.
+
+Read it top to bottom: train() checks the data and opens the run folder and the event stream; _run() calls
+each set-up step once (model, adapters, latents, text conditioning, optimizer, start point), then the step
+loop (_loop), then the one final save (_save). Set-up builds a Session that does not change afterwards; the
+loop moves a LoopState, which is what every checkpoint stores. Nothing is shared through closures.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import random
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import config as C
+from trainer.lora.metadata import RunStats
 from trainer.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.train.data import LatentCache, TrainData, build_data, captions_are_static, load_pixels, process_caption
 from trainer.common.cpu_alloc import is_cpu, keep_cpu_buffers
@@ -182,23 +189,16 @@ def train(cfg: C.Config, on_event: Callable[[Event], None] | None = None,
     run_dir = _prepare_run_dir(cfg, resume, overwrite, is_main)
     accelerator.wait_for_everyone()
     sink = JsonlSink(run_dir / "events.jsonl") if is_main else None
-    fanned = fan_out(sink, on_event if is_main else None)
-    last = {"step": 0}
-
-    def emit(event: Event) -> None:
-        if isinstance(event, Step):
-            last["step"] = event.step
-        fanned(event)
-
+    emit = _Emitter(fan_out(sink, on_event if is_main else None))
     for w in warnings:
         emit(Log(level="warning", message=w))
     try:
-        return _train(cfg, data, accelerator, run_dir, emit, should_stop, resume, command)
+        return _run(cfg, data, accelerator, run_dir, emit, should_stop, resume, command)
     except UserError as e:
-        emit(RunEnded(status="failed", step=last["step"], error=str(e)))
+        emit(RunEnded(status="failed", step=emit.last_step, error=str(e)))
         raise
     except BaseException as e:  # a crash still ends the event stream, so a GUI tailing it knows
-        emit(RunEnded(status="failed", step=last["step"], error=f"{type(e).__name__}: {e}"))
+        emit(RunEnded(status="failed", step=emit.last_step, error=f"{type(e).__name__}: {e}"))
         raise
     finally:
         if cfg.output.tensorboard:
@@ -207,298 +207,402 @@ def train(cfg: C.Config, on_event: Callable[[Event], None] | None = None,
             sink.close()
 
 
-class _StoppedDuringSetup(Exception):
-    pass
+class _Emitter:
+    """The run's event stream; remembers the last step reported, for the RunEnded of a failure."""
+
+    def __init__(self, send: Callable[[Event], None]):
+        self.send, self.last_step = send, 0
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Step):
+            self.last_step = event.step
+        self.send(event)
 
 
-def _train(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, resume: bool, command: str):
-    try:
-        return _train_inner(cfg, data, accelerator, run_dir, emit, should_stop, resume, command)
-    except _StoppedDuringSetup:
-        emit(RunEnded(status="stopped", step=0, error=""))
-        emit(Log(message="stopped before the first step; nothing to save"))
-        return TrainResult("stopped", 0, run_dir, None)
+@dataclass
+class Session:
+    """What set-up built and the loop and the saves read; fixed once the loop starts."""
+    cfg: C.Config
+    accelerator: object
+    run_dir: Path
+    emit: Callable[[Event], None]
+    base: object                 # trainer.models.loading.BaseModel
+    data: TrainData
+    cache: LatentCache | None    # None: images are encoded in every step
+    texts: "TextConditioner"
+    unet: torch.nn.Module        # as accelerate prepared it (DDP-wrapped with several processes)
+    text_encoders: list          # the loss runs these (prepared ones when they are trained)
+    trained: dict                # name -> unwrapped module whose LoRA tensors a checkpoint holds
+    optimizer: object
+    scheduler: object
+    params: list                 # every trained tensor, for clipping and the finiteness check
+    stats: RunStats              # what the LoRA file's metadata says about the run
+    config_toml: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def batch_order(self, epoch: int) -> list[list[int]]:
+        """This process's batches of an epoch: a pure function of (seed, epoch, rank)."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        allb = self.data.batches(self.cfg.train.batch_size, self.cfg.train.seed, epoch)
+        while len(allb) < world:  # tiny data sets: every process still gets a batch
+            allb = allb + allb
+        return allb[rank::world][:len(allb) // world]
 
 
-def _train_inner(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, resume: bool, command: str):
-    from trainer.lora.inject import inject_lora, untrainable_te_layers
-    from trainer.lora.io import build_metadata, save_diffusers_lora, save_lora
-    from trainer.models.loading import load_base_model
-    from trainer.train.optim import make_optimizer, make_scheduler
+@dataclass
+class LoopState:
+    """Where the loop is: the step and the position in the epoch's batch order (what a checkpoint stores)."""
+    step: int
+    epoch: int
+    batch_idx: int
+    batches: list[list[int]] = field(default_factory=list)
 
+    def next_batch(self, order: Callable[[int], list[list[int]]]) -> list[int]:
+        if self.batch_idx >= len(self.batches):
+            self.epoch, self.batch_idx = self.epoch + 1, 0
+            self.batches = order(self.epoch)
+        self.batch_idx += 1
+        return self.batches[self.batch_idx - 1]
+
+
+def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, resume: bool, command: str):
     t_start = time.time()
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    weight_dtype = _weight_dtype(cfg)
-    tr = cfg.train
-    config_toml = _write_config(cfg, run_dir) if is_main else ""
+    # During set-up only a single process may stop early (several would have to agree first).
+    def stop_requested() -> bool:
+        return accelerator.num_processes == 1 and should_stop()
 
-    # ---- model: frozen base in the training dtype, LoRA in fp32
+    config_toml = _write_config(cfg, run_dir) if accelerator.is_main_process else ""
+    base = _load_model(cfg, accelerator, emit)
+    if stop_requested():
+        return _stopped_before_training(run_dir, emit)
+    handles = _add_adapters(cfg, base)
+    cache, complete = _encode_images(cfg, data, base, accelerator, emit, stop_requested)
+    if not complete:
+        return _stopped_before_training(run_dir, emit)
+    texts = _text_conditioning(cfg, data, base, accelerator.device)
+    if cache is not None and not (cfg.sample.every_steps and cfg.sample.prompts):
+        base.vae.to("cpu")  # latents are cached and nothing samples: the VAE is not needed on the device
+    optimizer, scheduler = _optimization(cfg, handles)
+    trained = {"unet": base.unet}
+    if cfg.lora.train_text_encoder:
+        trained |= {f"text_encoder_{i}": te for i, te in enumerate(base.text_encoders)}
+    state = _start_state(cfg, run_dir, resume, trained, optimizer, scheduler, emit)
+    # Checkpoints hold the unwrapped modules' LoRA tensors; DDP wrapping (several processes) comes after.
+    wrapped = accelerator.prepare(*trained.values(), optimizer)
+    unet, te_wrapped, optimizer = wrapped[0], list(wrapped[1:-1]), wrapped[-1]
+    if cfg.output.tensorboard and accelerator.is_main_process:
+        accelerator.init_trackers(cfg.output.name)
+    stats = RunStats.from_data(data.stats(), family=base.family, prediction_type=base.prediction_type,
+                               base_model_name=base.name, config_toml=config_toml, started_at=t_start,
+                               session_id=secrets.randbelow(2**31))
+    s = Session(cfg=cfg, accelerator=accelerator, run_dir=run_dir, emit=emit, base=base, data=data, cache=cache,
+                texts=texts, unet=unet, text_encoders=te_wrapped if cfg.lora.train_text_encoder else base.text_encoders,
+                trained=trained, optimizer=optimizer, scheduler=scheduler,
+                params=[p for g in optimizer.param_groups for p in g["params"]], stats=stats, config_toml=config_toml)
+    state.batches = s.batch_order(state.epoch)
+    emit(RunStarted(run_dir=str(run_dir), max_steps=cfg.train.max_steps, start_step=state.step, resumed=resume,
+                    num_images=len(data.train_examples), family=base.family, command=command))
+
+    if not _loop(s, state, should_stop):
+        _save(s, state, final=False)  # a stopped run keeps everything: it resumes from this checkpoint
+        emit(RunEnded(status="stopped", step=state.step))
+        return TrainResult("stopped", state.step, run_dir, None)
+    lora_path = _save(s, state, final=True)
+    if cfg.sample.every_steps:
+        _samples(s, state.step)
+    emit(RunEnded(status="completed", step=state.step, lora_path=str(lora_path)))
+    return TrainResult("completed", state.step, run_dir, lora_path)
+
+
+def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool:
+    """Train from state.step to max_steps; False when a stop was asked for (nothing saved yet)."""
+    cfg, tr, acc = s.cfg, s.cfg.train, s.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    clock = _StepClock()
+    while state.step < tr.max_steps:
+        # A stop seen by any process stops all of them at the same step.
+        if _any_process(acc, should_stop()):
+            return False
+        # Randomness per step is a pure function of (seed, step, rank): a resumed run replays it exactly.
+        seed = (tr.seed * 1_000_003 + state.step * world + rank) % (2**63)
+        torch.manual_seed(seed)
+        rng = random.Random(seed)
+        # Gradient accumulation: several batches, one optimizer step; accelerate syncs gradients on the last.
+        loss_sum = torch.zeros((), device=acc.device)
+        for _ in range(tr.gradient_accumulation_steps):
+            idx = state.next_batch(s.batch_order)
+            with acc.accumulate(s.unet):
+                loss = _batch_loss(s, idx, rng)
+                acc.backward(loss)
+                if acc.sync_gradients and tr.max_grad_norm > 0:
+                    acc.clip_grad_norm_(s.params, tr.max_grad_norm)
+                s.optimizer.step()  # a no-op until the last accumulated batch
+                s.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        # The schedule moves once per optimizer step, not per accumulated batch.
+        s.scheduler.step()
+        state.step += 1
+        # The step's one host sync: the mean loss over processes, which also catches divergence at once.
+        loss_val = acc.gather(loss_sum[None]).mean().item() / tr.gradient_accumulation_steps
+        if not math.isfinite(loss_val):
+            raise _diverged(s, state.step, f"loss became {loss_val}")
+        # Report: the Step event feeds the CLI bar, the GUI's plot and events.jsonl.
+        dt = clock.lap()
+        lr = s.scheduler.get_last_lr()[0]
+        s.emit(Step(step=state.step, max_steps=tr.max_steps, loss=loss_val, lr=lr, it_per_s=clock.rate,
+                    eta_s=dt * (tr.max_steps - state.step), epoch=state.epoch))
+        if cfg.output.tensorboard:
+            acc.log({"loss": loss_val, "lr": lr}, step=state.step)
+        # Periodic checkpoints and samples; those of the last step come with the final save.
+        if state.step < tr.max_steps:
+            if tr.save_every_steps and state.step % tr.save_every_steps == 0:
+                _save(s, state, final=False)
+            if cfg.sample.every_steps and state.step % cfg.sample.every_steps == 0:
+                _samples(s, state.step)
+        clock.restart()  # saving and sampling time is not step time
+    return True
+
+
+class _StepClock:
+    """Seconds per step, smoothed (EMA 0.9) for the it/s and ETA figures."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.avg: float | None = None
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        self.avg = dt if self.avg is None else 0.9 * self.avg + 0.1 * dt
+        return self.avg
+
+    @property
+    def rate(self) -> float:
+        return 1.0 / self.avg if self.avg else 0.0
+
+    def restart(self) -> None:
+        self.t = time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------------- set-up steps
+
+def _load_model(cfg: C.Config, accelerator, emit):
+    """The frozen base model in the training dtype, on the device (SDXL's VAE stays fp32: it overflows in fp16)."""
+    from trainer.models.loading import load_base_model
     emit(Phase(name="loading model", done=0, total=1))
-    torch.manual_seed(tr.seed)
-    base = load_base_model(cfg.model, dtype=weight_dtype, device=device)
-    setup_progress_stop = accelerator.num_processes == 1 and should_stop()
+    torch.manual_seed(cfg.train.seed)
+    base = load_base_model(cfg.model, dtype=_weight_dtype(cfg), device=accelerator.device)
     emit(Phase(name="loading model", done=1, total=1))
-    if setup_progress_stop:
-        raise _StoppedDuringSetup
-    unet, vae, text_encoders = base.unet, base.vae, base.text_encoders
-    for m in (unet, vae, *text_encoders):
+    for m in (base.unet, base.vae, *base.text_encoders):
         m.requires_grad_(False)
         m.eval()
-    vae_dtype = torch.float32 if base.family == "sdxl" else weight_dtype  # SDXL's VAE overflows in fp16
-    if vae.dtype != vae_dtype:
-        vae.to(dtype=vae_dtype)
-    vae.to(device)
-    _set_attention(unet, tr.attention)
+    vae_dtype = torch.float32 if base.family == "sdxl" else _weight_dtype(cfg)
+    if base.vae.dtype != vae_dtype:
+        base.vae.to(dtype=vae_dtype)
+    base.vae.to(accelerator.device)
+    _set_attention(base.unet, cfg.train.attention)
+    return base
+
+
+def _add_adapters(cfg: C.Config, base):
+    """LoRA (fp32) on the UNet and, when trained, the text encoders; the same init in every process and resume."""
+    from trainer.lora.inject import inject_lora, untrainable_te_layers
     train_te = cfg.lora.train_text_encoder
-    torch.manual_seed(tr.seed)  # identical LoRA init in every process and every resume
+    torch.manual_seed(cfg.train.seed)
     # text-encoder layers after the hidden state the model reads get no gradient: they are not injected
-    handles = inject_lora(unet, text_encoders, cfg.lora, train_text_encoder=train_te,
+    handles = inject_lora(base.unet, base.text_encoders, cfg.lora, train_text_encoder=train_te,
                           skip_last_layers=untrainable_te_layers(base.family, cfg.model.clip_skip))
-    if tr.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        unet.train()  # diffusers only checkpoints in training mode
+    if cfg.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        base.unet.train()  # diffusers only checkpoints in training mode
         if train_te:
-            for te in text_encoders:
+            for te in base.text_encoders:
                 te.gradient_checkpointing_enable()
                 te.train()
+    return handles
 
-    # ---- caches: latents once, frozen text-encoder outputs once
-    v_pred = base.prediction_type == "v_prediction"
-    scaling = base.vae.config.scaling_factor
-    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+
+def _encode_images(cfg: C.Config, data: TrainData, base, accelerator, emit, stop_requested):
+    """The latent cache (or a decode check of every image), dropping images that fail; (cache, complete)."""
+    skipped: dict[int, str] = {}  # example index -> why it cannot be used
+    skip = skipped.__setitem__
+
+    def progress(done: int, total: int) -> bool:
+        emit(Phase(name="caching latents", done=done, total=total))
+        return not stop_requested()  # Stop while caching: nothing trained yet
+
     cache = None
-    skipped: set[int] = set()
-
-    def skip(i: int, why: str) -> None:
-        skipped.add(i)
-        emit(Log(level="warning", message=f"skipped {data.examples[i].path}: {why}"))
-
-    def setup_progress(name: str, done: int, total: int) -> None:
-        emit(Phase(name=name, done=done, total=total))
-        if accelerator.num_processes == 1 and should_stop():  # Stop while caching: nothing trained yet
-            raise _StoppedDuringSetup
-
     if cfg.data.cache_latents:
         disk = None
         if cfg.data.cache_latents_to_disk:
             disk = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.dir) / ".lorastudio_cache"
-        cache = LatentCache(data, vae, device=device, dtype=weight_dtype, disk_dir=disk, flip=cfg.data.flip)
+        cache = LatentCache(data, base.vae, device=accelerator.device, dtype=_weight_dtype(cfg), disk_dir=disk,
+                            flip=cfg.data.flip)
         with accelerator.main_process_first():
-            cache.build(list(range(len(data.examples))),
-                        lambda d, t: setup_progress("caching latents", d, t), skip)
+            if not cache.build(list(range(len(data.examples))), progress, skip):
+                return cache, False
     else:
+        from datasets_tools.images import load_rgb
         for i, ex in enumerate(data.examples):  # still check every image decodes before step 1
             try:
-                from datasets_tools.images import load_rgb
                 load_rgb(ex.path)
             except Exception as e:
                 skip(i, str(e))
+    for i, why in sorted(skipped.items()):
+        emit(Log(level="warning", message=f"skipped {data.examples[i].path}: {why}"))
     if skipped:
-        keep = [i for i in range(len(data.examples)) if i not in skipped]
-        if not any(not data.examples[i].is_reg for i in keep):
-            raise UserError(f"data.dir: no usable image in {cfg.data.dir} (every image failed to decode)",
-                            field="data.dir")
-        remap = {old: new for new, old in enumerate(keep)}
-        data.examples = [data.examples[i] for i in keep]
-        if cache is not None:
-            cache.mem = {(remap[i], f): v for (i, f), v in cache.mem.items() if i in remap}
+        _drop_examples(cfg, data, cache, set(skipped))
+    return cache, True
+
+
+def _drop_examples(cfg: C.Config, data: TrainData, cache: LatentCache | None, skipped: set[int]) -> None:
+    keep = [i for i in range(len(data.examples)) if i not in skipped]
+    if not any(not data.examples[i].is_reg for i in keep):
+        raise UserError(f"data.dir: no usable image in {cfg.data.dir} (every image failed to decode)",
+                        field="data.dir")
+    remap = {old: new for new, old in enumerate(keep)}
+    data.examples = [data.examples[i] for i in keep]
+    if cache is not None:
+        cache.mem = {(remap[i], f): v for (i, f), v in cache.mem.items() if i in remap}
+
+
+def _text_conditioning(cfg: C.Config, data: TrainData, base, device) -> "TextConditioner":
+    """Prompt embeddings; computed once for every caption when the text encoders are frozen and captions fixed."""
     texts = TextConditioner(base, cfg.model.clip_skip, device)
-    if not train_te and captions_are_static(cfg):
+    if not cfg.lora.train_text_encoder and captions_are_static(cfg):
         caps = [e.caption for e in data.examples] + ([""] if cfg.data.caption_dropout > 0 else [])
         with torch.autocast(device.type, enabled=False):
-            texts.build_cache(caps, text_encoders)
-        for te in text_encoders:  # no longer needed on the device; sampling moves them back
+            texts.build_cache(caps, base.text_encoders)
+        for te in base.text_encoders:  # no longer needed on the device; sampling moves them back
             te.to("cpu")
-    if cache is not None and not (cfg.sample.every_steps and cfg.sample.prompts):
-        vae.to("cpu")
+    return texts
 
-    # ---- optimizer and schedule (a separate lr for the text encoders)
+
+def _optimization(cfg: C.Config, handles):
+    """The optimizer (a separate lr for the text encoders) and the lr schedule."""
+    from trainer.train.optim import make_optimizer, make_scheduler
+    tr = cfg.train
     te_lr = tr.text_encoder_lr if tr.text_encoder_lr >= 0 else tr.learning_rate
     groups = [{"params": handles.unet_params, "lr": tr.learning_rate}]
-    if train_te:
+    if cfg.lora.train_text_encoder:
         groups += [{"params": ps, "lr": te_lr} for ps in handles.text_encoder_params if ps]
     optimizer = make_optimizer(tr.optimizer, groups, lr=tr.learning_rate, weight_decay=tr.weight_decay)
     scheduler = make_scheduler(optimizer, tr.lr_scheduler, warmup_steps=tr.lr_warmup_steps,
                                total_steps=tr.max_steps, num_cycles=tr.lr_num_cycles)
-    trained = {"unet": unet} | ({f"text_encoder_{i}": te for i, te in enumerate(text_encoders)} if train_te else {})
-    # Checkpoints hold the unwrapped modules' LoRA tensors; DDP wrapping (several processes) comes after.
-    start_step, epoch, batch_idx = 0, 0, 0
-    if resume:
-        ck = latest_checkpoint(run_dir)
-        if ck is None:
-            raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume",
-                            path=str(run_dir))
-        old_toml = (ck / "config.toml").read_text(encoding="utf-8") if (ck / "config.toml").exists() else ""
-        changed = _changed_keys(old_toml, cfg)
-        if changed:
-            emit(Log(level="warning", message="resuming with changed settings: " + "; ".join(changed)))
-        state = load_checkpoint(ck, modules=trained, optimizer=optimizer, scheduler=scheduler)
-        start_step = state["step"]
-        epoch, batch_idx = state["data"]["epoch"], state["data"]["batch_idx"]
-        emit(Log(message=f"resumed from {ck} at step {start_step}"))
-    wrapped = accelerator.prepare(unet, *([trained[k] for k in trained if k != "unet"]), optimizer)
-    unet_t, te_wrapped, optimizer = wrapped[0], list(wrapped[1:-1]), wrapped[-1]
-    train_tes = te_wrapped if train_te else text_encoders
-    if cfg.output.tensorboard and is_main:
-        accelerator.init_trackers(cfg.output.name)
+    return optimizer, scheduler
 
-    world, rank = accelerator.num_processes, accelerator.process_index
 
-    def epoch_batches(ep: int) -> list[list[int]]:
-        allb = data.batches(tr.batch_size, tr.seed, ep)
-        while len(allb) < world:  # tiny data sets: every process still gets a batch
-            allb = allb + allb
-        n = len(allb) // world
-        return allb[rank::world][:n]
+def _start_state(cfg: C.Config, run_dir: Path, resume: bool, trained: dict, optimizer, scheduler,
+                 emit) -> LoopState:
+    """Step 0, or the newest checkpoint's step and data position (its LoRA, optimizer and schedule loaded)."""
+    if not resume:
+        return LoopState(step=0, epoch=0, batch_idx=0)
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        raise UserError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start without --resume",
+                        path=str(run_dir))
+    old_toml = (ck / "config.toml").read_text(encoding="utf-8") if (ck / "config.toml").exists() else ""
+    changed = _changed_keys(old_toml, cfg)
+    if changed:
+        emit(Log(level="warning", message="resuming with changed settings: " + "; ".join(changed)))
+    state = load_checkpoint(ck, modules=trained, optimizer=optimizer, scheduler=scheduler)
+    emit(Log(message=f"resumed from {ck} at step {state['step']}"))
+    return LoopState(step=state["step"], epoch=state["data"]["epoch"], batch_idx=state["data"]["batch_idx"])
 
-    batches = epoch_batches(epoch)
-    stats = data.stats()
-    session_id = secrets.randbelow(2**31)
 
-    def unwrapped(m):
-        return accelerator.unwrap_model(m)
+def _stopped_before_training(run_dir: Path, emit) -> TrainResult:
+    emit(RunEnded(status="stopped", step=0, error=""))
+    emit(Log(message="stopped before the first step; nothing to save"))
+    return TrainResult("stopped", 0, run_dir, None)
 
-    def save_lora_file(path: Path, step: int, finished: bool) -> Path:
-        meta = build_metadata(
-            cfg, family=base.family, prediction_type=base.prediction_type, base_model_name=base.name, steps=step,
-            epoch=epoch, started_at=t_start, finished_at=time.time() if finished else 0.0, session_id=session_id,
-            num_train_images=stats["num_train_images"], tag_frequency=stats["tag_frequency"],
-            dataset_dirs=stats["dataset_dirs"], bucket_info=stats["bucket_info"], resolved_config_toml=config_toml,
-            num_reg_images=stats["num_reg_images"], reg_dataset_dirs=stats["reg_dataset_dirs"])
-        save_lora(path, unwrapped(unet_t), [unwrapped(t) for t in text_encoders], family=base.family,
-                  metadata=meta, save_precision=cfg.output.save_precision)
-        return path
 
-    def diverged(step: int, what: str):
-        last = latest_checkpoint(run_dir)
-        keep = f"; the last good checkpoint is {last}" if last else ""
-        return UserError(f"{what} at step {step}: training diverged; lower train.learning_rate (now "
-                         f"{tr.learning_rate:g}){keep}", field="train.learning_rate")
+# ------------------------------------------------------------------------------------------- one step's loss
 
-    def check_finite(step: int) -> None:
-        # Never save a checkpoint or LoRA with NaN/inf weights: the last good checkpoint stays the newest.
-        if not all(torch.isfinite(p).all() for p in params):
-            raise diverged(step, "LoRA weights became non-finite")
+def _batch_loss(s: Session, idx: list[int], rng: random.Random) -> torch.Tensor:
+    """The diffusion loss of one batch: noise the latents at random timesteps, predict, weigh, average."""
+    cfg, tr, base, device = s.cfg, s.cfg.train, s.base, s.accelerator.device
+    weight_dtype = _weight_dtype(cfg)
+    exs = [s.data.examples[i] for i in idx]
+    flips = [cfg.data.flip and rng.random() < 0.5 for _ in idx]
+    if s.cache is not None:
+        lat = torch.stack([s.cache.get(i, f) for i, f in zip(idx, flips)]).to(device)
+    else:
+        with torch.no_grad():
+            px = torch.stack([load_pixels(e, f) for e, f in zip(exs, flips)]).to(device, base.vae.dtype)
+            lat = base.vae.encode(px).latent_dist.mean.float()
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    latents = ((lat - shift) * base.vae.config.scaling_factor).to(weight_dtype)
+    captions = [process_caption(e.caption, cfg, rng) for e in exs]
+    with torch.set_grad_enabled(cfg.lora.train_text_encoder):
+        emb, pooled = s.texts.encode(captions, s.text_encoders)
+    emb = emb.to(device, weight_dtype)
+    noise = torch.randn_like(latents)
+    if tr.noise_offset:
+        # Offset noise (crosslabs.org/blog/diffusion-with-offset-noise): lets the model shift mean brightness.
+        noise = noise + tr.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                      device=device, dtype=latents.dtype)
+    nsched = base.noise_scheduler
+    t = torch.randint(0, nsched.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+    noisy = nsched.add_noise(latents, noise, t)
+    added = None
+    if base.family == "sdxl":
+        added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": _sdxl_time_ids(exs, device, weight_dtype)}
+    with s.accelerator.autocast():
+        pred = s.unet(noisy, t, emb, added_cond_kwargs=added).sample
+    v_pred = base.prediction_type == "v_prediction"
+    target = nsched.get_velocity(latents, noise, t) if v_pred else noise
+    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if tr.min_snr_gamma > 0:
+        per = per * _min_snr_weights(nsched, t, tr.min_snr_gamma, v_pred).to(per.device)
+    w = torch.tensor([cfg.data.prior_loss_weight if e.is_reg else 1.0 for e in exs], device=per.device)
+    return (per * w).mean()
 
-    def checkpoint(step: int) -> None:
-        check_finite(step)
-        if is_main:
-            p = save_checkpoint(run_dir, step, modules={k: unwrapped(v) for k, v in trained.items()},
-                                optimizer=optimizer, scheduler=scheduler,
-                                data_pos={"epoch": epoch, "batch_idx": batch_idx}, config_toml=config_toml,
-                                keep=tr.keep_checkpoints)
-            lora = save_lora_file(run_dir / f"{cfg.output.name}-step{step:08d}.safetensors", step, False)
-            emit(Checkpoint(step=step, path=str(p), lora_path=str(lora)))
-        accelerator.wait_for_everyone()
 
-    def samples(step: int) -> None:
-        if is_main and cfg.sample.prompts:
-            _save_samples(cfg, base, unwrapped(unet_t), text_encoders, run_dir, step, emit, device)
-        accelerator.wait_for_everyone()
+# ------------------------------------------------------------------------------------------------- saving
 
-    def batch_loss(idx: list[int], rng: random.Random) -> torch.Tensor:
-        exs = [data.examples[i] for i in idx]
-        flips = [cfg.data.flip and rng.random() < 0.5 for _ in idx]
-        if cache is not None:
-            lat = torch.stack([cache.get(i, f) for i, f in zip(idx, flips)]).to(device)
-        else:
-            with torch.no_grad():
-                px = torch.stack([load_pixels(e, f) for e, f in zip(exs, flips)]).to(device, vae.dtype)
-                lat = vae.encode(px).latent_dist.mean.float()
-        latents = ((lat - shift) * scaling).to(weight_dtype)
-        captions = [process_caption(e.caption, cfg, rng) for e in exs]
-        with torch.set_grad_enabled(train_te):
-            emb, pooled = texts.encode(captions, train_tes)
-        emb = emb.to(device, weight_dtype)
-        noise = torch.randn_like(latents)
-        if tr.noise_offset:
-            # Offset noise (crosslabs.org/blog/diffusion-with-offset-noise): lets the model shift mean brightness.
-            noise = noise + tr.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                          device=device, dtype=latents.dtype)
-        nsched = base.noise_scheduler
-        t = torch.randint(0, nsched.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-        noisy = nsched.add_noise(latents, noise, t)
-        added = None
-        if base.family == "sdxl":
-            added = {"text_embeds": pooled.to(device, weight_dtype),
-                     "time_ids": _sdxl_time_ids(exs, device, weight_dtype)}
-        with accelerator.autocast():
-            pred = unet_t(noisy, t, emb, added_cond_kwargs=added).sample
-        target = nsched.get_velocity(latents, noise, t) if v_pred else noise
-        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if tr.min_snr_gamma > 0:
-            per = per * _min_snr_weights(nsched, t, tr.min_snr_gamma, v_pred).to(per.device)
-        w = torch.tensor([cfg.data.prior_loss_weight if e.is_reg else 1.0 for e in exs], device=per.device)
-        return (per * w).mean()
+def _save(s: Session, state: LoopState, *, final: bool) -> Path:
+    """A checkpoint (the resume point) and a LoRA file; the final one is named after the run (plus diffusers')."""
+    from trainer.lora.io import build_metadata, save_diffusers_lora, save_lora
+    cfg, step = s.cfg, state.step
+    # Never save NaN/inf weights: the last good checkpoint stays the newest.
+    if not all(torch.isfinite(p).all() for p in s.params):
+        raise _diverged(s, step, "LoRA weights became non-finite")
+    name = f"{cfg.output.name}.safetensors" if final else f"{cfg.output.name}-step{step:08d}.safetensors"
+    lora_path = s.run_dir / name
+    if s.is_main:
+        unwrap = s.accelerator.unwrap_model
+        # a final checkpoint too: a finished run can be extended with --resume and a larger max_steps
+        ck = save_checkpoint(s.run_dir, step, modules={k: unwrap(v) for k, v in s.trained.items()},
+                             optimizer=s.optimizer, scheduler=s.scheduler,
+                             data_pos={"epoch": state.epoch, "batch_idx": state.batch_idx},
+                             config_toml=s.config_toml, keep=cfg.train.keep_checkpoints)
+        s.stats.step, s.stats.epoch, s.stats.finished_at = step, state.epoch, time.time() if final else 0.0
+        unet, tes = unwrap(s.unet), s.base.text_encoders
+        save_lora(lora_path, unet, tes, family=s.base.family, metadata=build_metadata(cfg, s.stats),
+                  save_precision=cfg.output.save_precision)
+        if final and cfg.output.also_diffusers:
+            save_diffusers_lora(s.run_dir / "diffusers", unet, tes, family=s.base.family)
+        if not final:
+            s.emit(Checkpoint(step=step, path=str(ck), lora_path=str(lora_path)))
+    s.accelerator.wait_for_everyone()
+    return lora_path
 
-    emit(RunStarted(run_dir=str(run_dir), max_steps=tr.max_steps, start_step=start_step, resumed=resume,
-                    num_images=len(data.train_examples), family=base.family, command=command))
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    step = start_step
-    ema_dt = None
-    step_clock = time.perf_counter()
-    while step < tr.max_steps:
-        if _any_process(accelerator, should_stop()):
-            checkpoint(step)
-            emit(RunEnded(status="stopped", step=step))
-            return TrainResult("stopped", step, run_dir, None)
-        # Randomness per step is a pure function of (seed, step, rank): a resumed run replays it exactly.
-        seed = (tr.seed * 1_000_003 + step * world + rank) % (2**63)
-        torch.manual_seed(seed)
-        rng = random.Random(seed)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(tr.gradient_accumulation_steps):
-            if batch_idx >= len(batches):
-                epoch, batch_idx = epoch + 1, 0
-                batches = epoch_batches(epoch)
-            idx = batches[batch_idx]
-            batch_idx += 1
-            with accelerator.accumulate(unet_t):
-                loss = batch_loss(idx, rng)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and tr.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, tr.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        scheduler.step()
-        step += 1
-        loss_val = accelerator.gather(loss_sum[None]).mean().item() / tr.gradient_accumulation_steps
-        if not math.isfinite(loss_val):
-            raise diverged(step, f"loss became {loss_val}")
-        now = time.perf_counter()
-        dt, step_clock = now - step_clock, now
-        ema_dt = dt if ema_dt is None else 0.9 * ema_dt + 0.1 * dt
-        lr = scheduler.get_last_lr()[0]
-        emit(Step(step=step, max_steps=tr.max_steps, loss=loss_val, lr=lr, it_per_s=1.0 / ema_dt if ema_dt else 0.0,
-                  eta_s=ema_dt * (tr.max_steps - step), epoch=epoch))
-        if cfg.output.tensorboard:
-            accelerator.log({"loss": loss_val, "lr": lr}, step=step)
-        periodic = step < tr.max_steps
-        if periodic and tr.save_every_steps and step % tr.save_every_steps == 0:
-            checkpoint(step)
-        if cfg.sample.every_steps and step % cfg.sample.every_steps == 0 and step < tr.max_steps:
-            samples(step)
-        step_clock = time.perf_counter()  # saving and sampling time is not step time
 
-    # ---- final save: the LoRA (kohya format, self-checked), optional diffusers file, a last checkpoint
-    lora_path = run_dir / f"{cfg.output.name}.safetensors"
-    check_finite(step)
-    if is_main:
-        save_lora_file(lora_path, step, True)
-        if cfg.output.also_diffusers:
-            save_diffusers_lora(run_dir / "diffusers", unwrapped(unet_t), [unwrapped(t) for t in text_encoders],
-                                family=base.family)
-    if is_main:  # a final checkpoint lets a finished run be extended with --resume and a larger max_steps
-        save_checkpoint(run_dir, step, modules={k: unwrapped(v) for k, v in trained.items()}, optimizer=optimizer,
-                        scheduler=scheduler, data_pos={"epoch": epoch, "batch_idx": batch_idx},
-                        config_toml=config_toml, keep=tr.keep_checkpoints)
-    if cfg.sample.every_steps:
-        samples(step)
-    accelerator.wait_for_everyone()
-    emit(RunEnded(status="completed", step=step, lora_path=str(lora_path)))
-    return TrainResult("completed", step, run_dir, lora_path)
+def _diverged(s: Session, step: int, what: str) -> UserError:
+    last = latest_checkpoint(s.run_dir)
+    keep = f"; the last good checkpoint is {last}" if last else ""
+    return UserError(f"{what} at step {step}: training diverged; lower train.learning_rate (now "
+                     f"{s.cfg.train.learning_rate:g}){keep}", field="train.learning_rate")
+
+
+def _samples(s: Session, step: int) -> None:
+    if s.is_main and s.cfg.sample.prompts:
+        _save_samples(s.cfg, s.base, s.accelerator.unwrap_model(s.unet), s.base.text_encoders, s.run_dir, step,
+                      s.emit, s.accelerator.device)
+    s.accelerator.wait_for_everyone()
 
 
 def _any_process(accelerator, flag: bool) -> bool:

@@ -193,7 +193,8 @@ def test_hash_is_tensor_bytes_and_ignores_metadata(trained, tmp_path):
 
 def test_self_check_failure_deletes_file(tmp_path, monkeypatch):
     pipe, _ = trained_pipeline("sd1", train_te=False, unet_targets="attention", conv_rank=0)
-    monkeypatch.setattr(lora_io, "_file_alpha", lambda layer, name: 123.0)
+    import trainer.lora.writer as lora_writer
+    monkeypatch.setattr(lora_writer, "_file_alpha", lambda layer, name: 123.0)
     target = tmp_path / "bad.safetensors"
     with pytest.raises(RuntimeError, match="alpha/r"):
         save_lora(target, pipe.unet, [pipe.text_encoder], family="sd1", metadata=metadata_for("sd1"))
@@ -252,10 +253,9 @@ def test_metadata_keys_and_shapes():
 
 def test_metadata_sd2_v_prediction():
     from trainer.config import Config
-    md = lora_io.build_metadata(
-        Config(), family="sd2", prediction_type="v_prediction", base_model_name="m", steps=1, epoch=0,
-        started_at=1.0, finished_at=0.0, session_id=1, num_train_images=1, tag_frequency={}, dataset_dirs={},
-        bucket_info={}, resolved_config_toml="")
+    md = lora_io.build_metadata(Config(), lora_io.RunStats(
+        family="sd2", prediction_type="v_prediction", base_model_name="m", step=1, epoch=0, started_at=1.0,
+        finished_at=0.0, session_id=1, num_train_images=1))
     assert md["ss_v2"] == "True" and md["ss_base_model_version"] == "sd_v2_v"
     assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and md["modelspec.prediction_type"] == "v"
     assert md["ss_training_finished_at"] == "None"  # intermediate save

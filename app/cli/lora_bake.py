@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from trainer.generate.settings import DTYPE_CHOICES, FAMILY_CHOICES
 
 #: the output dtypes: the generation dtypes without 'auto' (a file has one dtype)
@@ -37,7 +40,8 @@ def _bake(args) -> int:
     from trainer.lora.tools.bake import bake
     from trainer.train.events import Phase, ProgressBar
 
-    bar = ProgressBar()
+    # a bar only on a terminal: piped, each refresh would be a line of its own
+    bar = ProgressBar(disable=os.environ.get("LORASTUDIO_NO_BAR") == "1" or not sys.stderr.isatty())
     result = bake(args.model, args.lora, args.diffusers or args.out, dtype=args.dtype,
                   diffusers=bool(args.diffusers), overwrite=args.overwrite, family=args.family,
                   allow_partial=args.allow_partial,

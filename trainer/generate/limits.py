@@ -8,3 +8,6 @@ MAX_SEED = 2**32 - 1
 MAX_CLIP_SKIP = 12       # SD1/SDXL CLIP-L has 12 layers
 MAX_BATCH = 16           # images per request
 MAX_GRID_CELLS = 100     # pictures in one comparison grid
+#: The LoRA weight slider of the Generate tab (min, max, step): the strengths people use. It is a slider's range,
+#: not a limit: a prompt tag or --lora FILE:W may carry any finite weight, as in A1111.
+LORA_WEIGHT_SLIDER = (-2.0, 2.0, 0.05)

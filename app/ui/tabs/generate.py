@@ -17,14 +17,14 @@ import gradio as gr
 
 from trainer.errors import UserError
 from trainer.generate import settings as S
+from trainer.generate.limits import LORA_WEIGHT_SLIDER
 
 from app.ui.form import error_md, guarded, setting_control
 from app.ui.registry import Registry
 from app.ui.state import AppState, rel
 
 #: The LoRA weight sliders' range and step (a slider needs ends; typed values outside it are refused by gradio).
-#: trainer.generate.settings has no LoRA-weight setting yet; these are display ends, not a limit of the engine.
-WEIGHT_SLIDER = (-2.0, 2.0, 0.05)
+WEIGHT_SLIDER = LORA_WEIGHT_SLIDER
 #: The Generate tab's settings, in the order of its handlers' arguments.
 SETTING_KEYS = ("steps", "guidance_scale", "width", "height", "sampler", "batch", "clip_skip")
 ELEM_IDS = (("guidance_scale", "g-cfg"), ("clip_skip", "g-clip-skip"))  # the rest: g-<name>

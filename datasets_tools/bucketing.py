@@ -105,10 +105,11 @@ def crop_plan(width: int, height: int, bucket: tuple[int, int]) -> CropPlan:
     return CropPlan((bw, bh), (rw, rh), (left, top, left + bw, top + bh), scale > 1.0 + 1e-9)
 
 
-def apply_crop(img: Image.Image, plan: CropPlan) -> Image.Image:
-    """Resize and crop in one resampling pass (Lanczos down, bicubic up) to a bucket-sized RGB image."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+def apply_crop(img: Image.Image, plan: CropPlan, mode: str = "RGB") -> Image.Image:
+    """Resize and crop in one resampling pass (Lanczos down, bicubic up) to a bucket-sized image of ``mode``
+    (RGB for pictures, L for their masks: a mask goes through exactly its picture's plan)."""
+    if img.mode != mode:
+        img = img.convert(mode)
     w, h = img.size
     rw, rh = plan.resized
     sx, sy = w / rw, h / rh

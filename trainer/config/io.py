@@ -101,6 +101,16 @@ def validate_for_training(cfg: Config) -> None:
     if cfg.data.min_bucket_px > cfg.data.max_bucket_px:
         raise UserError(f"data.min_bucket_px ({cfg.data.min_bucket_px}) is larger than data.max_bucket_px "
                         f"({cfg.data.max_bucket_px})", field="data.min_bucket_px")
+    tr = cfg.train
+    if tr.min_timestep >= tr.max_timestep:
+        raise UserError(f"train.min_timestep ({tr.min_timestep}) must be below train.max_timestep "
+                        f"({tr.max_timestep})", field="train.min_timestep")
+    if cfg.data.validation_dir and cfg.data.validation_split > 0:
+        raise UserError("data.validation_split: give data.validation_dir or a split, not both",
+                        field="data.validation_split")
+    if tr.keep_best and not (cfg.data.validation_dir or cfg.data.validation_split > 0):
+        raise UserError("train.keep_best needs a validation set: set data.validation_dir or data.validation_split",
+                        field="train.keep_best")
     name = cfg.output.name
     if not name or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
         raise UserError(f"output.name {name!r} is not a valid file name", field="output.name")

@@ -21,6 +21,11 @@ from trainer.generate.samplers import SAMPLERS
 #: Version of the preset / config file format. Bump with a migration in ``_migrate``.
 PRESET_VERSION = 1
 
+#: Loss functions, Huber schedules and timestep distributions (trainer.train.loss implements each).
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shift")
+
 #: Presets larger than this are refused (they are small text files; anything bigger is not ours).
 MAX_PRESET_BYTES = 64 * 1024
 
@@ -94,6 +99,23 @@ class DataConfig:
                                       "settings, so the next run skips encoding.", label="Cache latents to disk")
     cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
                          path=True, label="Latent cache folder")
+    mask_dir: str = opt("", "Masked loss: a folder of masks with the images' file stems (white = train, black = "
+                        "ignore, grey = a weight in between), each the size of its image (masks written by "
+                        "`lorastudio masks` fit). Images without a mask train everywhere.", path=True,
+                        label="Mask folder (masked loss)")
+    alpha_mask: bool = opt(False, "Masked loss from the images' own alpha channel (transparent = ignore); with "
+                           "data.mask_dir too, a mask file wins over the alpha channel.", label="Alpha mask")
+    unmasked_weight: float = opt(0.0, "Loss weight of the masked-out area (OneTrainer's 'unmasked weight'): 0 "
+                                 "ignores it, 1 turns masking off.", min=0.0, max=1.0, label="Unmasked weight")
+    mask_normalize: bool = opt(False, "Divide a masked image's loss by its mask's area, so a small subject weighs "
+                               "as much as a large one (OneTrainer's 'normalize masked area loss').",
+                               label="Normalize by mask area")
+    validation_dir: str = opt("", "Validation: a folder of held-out images with captions (same layout as "
+                              "data.dir); their loss is measured with fixed noise and timesteps.", path=True,
+                              label="Validation folder")
+    validation_split: float = opt(0.0, "Validation: hold out this fraction of the training images (seeded by "
+                                  "train.seed; at least one image) instead of data.validation_dir.",
+                                  min=0.0, max=0.5, label="Validation split")
 
 
 @dataclass
@@ -153,6 +175,47 @@ class TrainConfig:
                                 "only at the end and on stop).", min=0, max=10_000_000, label="Save every N steps")
     keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (oldest are deleted).", min=1, max=1000,
                                 label="Save last N checkpoints")
+    validation_every_steps: int = opt(0, "Measure the validation loss every N steps, and at the end (0 = only at "
+                                      "the end; needs data.validation_dir or data.validation_split).",
+                                      min=0, max=10_000_000, label="Validate every N steps")
+    validation_timesteps: int = opt(4, "Timesteps per validation image, spread evenly over the schedule; noise and "
+                                    "timesteps are the same at every evaluation so the curve's points compare.",
+                                    min=1, max=64, label="Validation timesteps")
+    keep_best: bool = opt(False, "Also keep the LoRA of the lowest validation loss as <name>-best.safetensors.",
+                          label="Keep the best LoRA")
+    ema_decay: float = opt(0.0, "EMA of the trained weights (0 = off; 0.999 is typical), kept in fp32; the output "
+                           "LoRA holds the EMA weights.", min=0.0, max=0.99999, label="EMA decay")
+    ema_warmup: bool = opt(True, "EMA warm-up: the decay grows as min(ema_decay, (1+step)/(10+step)), so early "
+                           "steps are not averaged with the random start.", label="EMA warm-up")
+    ema_save_both: bool = opt(False, "With EMA, also write the plain (non-EMA) weights as <name>-raw.safetensors.",
+                              label="Save EMA and raw")
+    loss_type: str = opt("l2", "Loss: l2 (MSE), l1, huber or smooth_l1 (kohya's pseudo-Huber losses, "
+                         "arXiv:2403.16728), with train.huber_c and its schedule.", choices=LOSS_TYPES,
+                         label="Loss type")
+    huber_c: float = opt(0.1, "Huber c: where the pseudo-Huber loss turns from quadratic to linear.",
+                         min=1e-6, max=10.0, label="Huber c")
+    huber_schedule: str = opt("snr", "How c moves with the timestep (kohya's huber_schedule): constant, "
+                              "exponential, or snr (c grows toward 1 at high noise).", choices=HUBER_SCHEDULES,
+                              label="Huber schedule")
+    multires_noise_iterations: int = opt(0, "Multi-resolution (pyramid) noise: levels of lower-resolution noise "
+                                         "added (kohya; 6-10 typical, 0 = off).", min=0, max=20,
+                                         label="Multires noise iterations")
+    multires_noise_discount: float = opt(0.3, "Multi-resolution noise: weight factor per level.", min=0.0, max=1.0,
+                                         label="Multires noise discount")
+    ip_noise_gamma: float = opt(0.0, "Input perturbation (arXiv:2301.11706): extra noise on the noisy input "
+                                "only, not on the target; 0.1 typical, 0 = off.", min=0.0, max=1.0,
+                                label="IP noise gamma")
+    debiased_estimation: bool = opt(False, "Debiased estimation loss (arXiv:2310.15773): weight each timestep by "
+                                    "1/sqrt(SNR) (v-prediction: 1/(SNR+1)).", label="Debiased estimation loss")
+    min_timestep: int = opt(0, "Lowest timestep trained (of 1000).", min=0, max=999, label="Min timestep")
+    max_timestep: int = opt(1000, "Highest timestep trained plus one (of 1000).", min=1, max=1000,
+                            label="Max timestep")
+    timestep_sampling: str = opt("uniform", "Timestep distribution in [min_timestep, max_timestep): uniform; "
+                                 "logit_normal (SD3's, centred, arXiv:2403.03206); shift (uniform, then "
+                                 "t' = s*t/(1+(s-1)*t), s = train.timestep_shift; s > 1 favours high noise).",
+                                 choices=TIMESTEP_SAMPLINGS, label="Timestep sampling")
+    timestep_shift: float = opt(1.0, "The shift s of timestep_sampling = shift.", min=0.01, max=100.0,
+                                label="Timestep shift")
 
 
 @dataclass

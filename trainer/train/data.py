@@ -34,6 +34,12 @@ class Example:
     crop_box: tuple[int, int, int, int]
     resized: tuple[int, int]
     upscaled: bool
+    mask: Path | None = None       # its mask file (data.mask_dir)
+    alpha_mask: bool = False       # its alpha channel is its mask (data.alpha_mask)
+
+    @property
+    def masked(self) -> bool:
+        return self.mask is not None or self.alpha_mask
 
 
 @dataclass
@@ -41,6 +47,12 @@ class TrainData:
     examples: list[Example]
     warnings: list[str] = field(default_factory=list)
     skipped: int = 0
+    #: held-out images for the validation loss (data.validation_dir or data.validation_split)
+    validation: list[Example] = field(default_factory=list)
+
+    @property
+    def masked(self) -> bool:
+        return any(e.masked for e in self.examples)
 
     @property
     def train_examples(self) -> list[Example]:
@@ -82,8 +94,9 @@ class TrainData:
                 "num_reg_images": sum(e.repeats for e in self.examples if e.is_reg), "reg_dataset_dirs": reg_dirs}
 
 
-def _collect(root: str, cfg: Config, is_reg: bool, warn: Callable[[str], None]) -> tuple[list, int]:
-    key = "data.reg_dir" if is_reg else "data.dir"
+def _collect(root: str, cfg: Config, is_reg: bool, warn: Callable[[str], None],
+             key: str = "") -> tuple[list, int]:
+    key = key or ("data.reg_dir" if is_reg else "data.dir")
     p = Path(root).expanduser()
     if not p.exists():
         raise UserError(f"{key}: folder not found: {p}", field=key, path=str(p))
@@ -106,7 +119,8 @@ def _collect(root: str, cfg: Config, is_reg: bool, warn: Callable[[str], None]) 
 
 
 def build_data(cfg: Config, warn: Callable[[str], None]) -> TrainData:
-    """Collect images (and regularisation images), assign buckets and crops; refuse an unusable folder."""
+    """Collect images (and regularisation images), assign buckets and crops, attach masks, hold out the
+    validation images; refuse an unusable folder."""
     items, skipped = _collect(cfg.data.dir, cfg, False, warn)
     if not items:
         raise UserError(f"data.dir: no usable image in {cfg.data.dir}"
@@ -119,16 +133,75 @@ def build_data(cfg: Config, warn: Callable[[str], None]) -> TrainData:
             raise UserError(f"data.reg_dir: no usable image in {cfg.data.reg_dir}", field="data.reg_dir")
     d = cfg.data
     buckets = make_buckets(d.resolution, d.min_bucket_px, d.max_bucket_px, d.bucket_step_px)
-    examples = []
-    for is_reg, group in ((False, items), (True, reg_items)):
-        for it in group:
-            # The same call as the bucket preview, so what the user saw is what is trained.
-            plan = plan_image(it.width, it.height, resolution=d.resolution, min_px=d.min_bucket_px,
-                              max_px=d.max_bucket_px, step=d.bucket_step_px, no_upscale=d.bucket_no_upscale,
-                              enable_bucket=d.enable_bucket, buckets=buckets)
-            examples.append(Example(Path(it.path), it.caption, it.repeats, it.subset, is_reg, (it.width, it.height),
-                                    tuple(plan.bucket), tuple(plan.box), tuple(plan.resized), plan.upscaled))
-    return TrainData(examples, skipped=skipped)
+
+    def example(it, is_reg: bool) -> Example:
+        # The same call as the bucket preview, so what the user saw is what is trained.
+        plan = plan_image(it.width, it.height, resolution=d.resolution, min_px=d.min_bucket_px,
+                          max_px=d.max_bucket_px, step=d.bucket_step_px, no_upscale=d.bucket_no_upscale,
+                          enable_bucket=d.enable_bucket, buckets=buckets)
+        return Example(Path(it.path), it.caption, it.repeats, it.subset, is_reg, (it.width, it.height),
+                       tuple(plan.bucket), tuple(plan.box), tuple(plan.resized), plan.upscaled)
+
+    train = [example(it, False) for it in items]
+    _attach_masks(cfg, train, warn)
+    validation = _validation_examples(cfg, train, example, warn)
+    held = {e.path for e in validation}
+    train = [e for e in train if e.path not in held]
+    examples = train + [example(it, True) for it in reg_items]
+    return TrainData(examples, skipped=skipped, validation=validation)
+
+
+def _attach_masks(cfg: Config, examples: list[Example], warn: Callable[[str], None]) -> None:
+    """data.mask_dir / data.alpha_mask onto the training images (regularisation images train everywhere)."""
+    from datasets_tools.masks import check_mask, mask_index
+    d = cfg.data
+    if d.alpha_mask:
+        for e in examples:
+            e.alpha_mask = True  # an image without transparency trains everywhere
+    if not d.mask_dir:
+        return
+    root = Path(d.mask_dir).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.mask_dir: folder not found: {root}", field="data.mask_dir", path=str(root))
+    index = mask_index(root)
+    matched = 0
+    for e in examples:
+        mask = index.get(e.path.stem)
+        if mask is None:
+            continue
+        problem = check_mask(mask, e.size, e.path.name)
+        if problem is not None and problem.kind != "mask_empty":
+            raise UserError(f"data.mask_dir: {problem.message}", field="data.mask_dir", path=str(mask))
+        if problem is not None:
+            warn(problem.message)
+        e.mask = mask
+        matched += 1
+    if not matched:
+        raise UserError(f"data.mask_dir: no mask in {root} matches an image of {d.dir} (a mask is named after "
+                        f"its image's file stem, e.g. masks/cat.png for cat.jpg)", field="data.mask_dir")
+    if matched < len(examples):
+        warn(f"data.mask_dir: {len(examples) - matched} of {len(examples)} images have no mask in {root} and "
+             "train everywhere")
+
+
+def _validation_examples(cfg: Config, train: list[Example], example, warn) -> list[Example]:
+    """The validation images: a folder of their own, or a seeded share held out of the training images."""
+    d = cfg.data
+    if d.validation_dir:
+        items, _ = _collect(d.validation_dir, cfg, False, warn, key="data.validation_dir")
+        if not items:
+            raise UserError(f"data.validation_dir: no usable image in {d.validation_dir}",
+                            field="data.validation_dir")
+        return [example(it, False) for it in items]
+    if d.validation_split <= 0:
+        return []
+    n = max(1, round(d.validation_split * len(train)))
+    if n >= len(train):
+        raise UserError(f"data.validation_split: holding out {n} of {len(train)} training images leaves none to "
+                        "train on; lower the split or add images", field="data.validation_split")
+    order = sorted(range(len(train)), key=lambda i: str(train[i].path))
+    held = sorted(random.Random(cfg.train.seed).sample(order, n))
+    return [train[i] for i in held]
 
 
 def load_pixels(ex: Example, flip: bool = False) -> torch.Tensor:
@@ -138,6 +211,21 @@ def load_pixels(ex: Example, flip: bool = False) -> torch.Tensor:
     if flip:
         arr = arr[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def load_mask(ex: Example, flip: bool = False) -> torch.Tensor | None:
+    """The example's mask on the latent grid (1 x h/8 x w/8, 0..1), cropped exactly as its picture; None if it
+    has none (trains everywhere)."""
+    from datasets_tools.masks import load_alpha, load_mask as read_mask
+    img = read_mask(ex.mask) if ex.mask is not None else (load_alpha(ex.path) if ex.alpha_mask else None)
+    if img is None:
+        return None
+    img = apply_crop(img, crop_plan(ex.size[0], ex.size[1], ex.bucket), mode="L")
+    m = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
+    if flip:
+        m = m.flip(-1)
+    w, h = ex.bucket
+    return torch.nn.functional.adaptive_avg_pool2d(m, (h // 8, w // 8))[0]
 
 
 def process_caption(caption: str, cfg: Config, rng: random.Random) -> str:
@@ -186,6 +274,7 @@ class LatentCache:
         self.disk_dir = disk_dir
         self.flips = (False, True) if flip else (False,)
         self.mem: dict[tuple[int, bool], torch.Tensor] = {}
+        self.masks: dict[tuple[int, bool], torch.Tensor] = {}  # on the latent grid, cached with the latents
         self._fp = vae_fingerprint(vae) if disk_dir else ""
 
     def _key(self, i: int, flip: bool) -> str:
@@ -213,6 +302,14 @@ class LatentCache:
         return True
 
     def _build_one(self, i: int, f: bool, skip: Callable[[int, str], None]) -> None:
+        self._encode_one(i, f, skip)
+        ex = self.data.examples[i]
+        if ex.masked and (i, f) in self.mem:
+            mask = load_mask(ex, f)
+            if mask is not None:
+                self.masks[(i, f)] = mask
+
+    def _encode_one(self, i: int, f: bool, skip: Callable[[int, str], None]) -> None:
         from safetensors.torch import load_file, save_file
         path = None
         if self.disk_dir is not None:
@@ -236,6 +333,14 @@ class LatentCache:
             tmp = path.with_suffix(".tmp")
             save_file({"latent": lat.contiguous()}, str(tmp))
             tmp.replace(path)
+
+    def get_mask(self, i: int, flip: bool) -> torch.Tensor | None:
+        return self.masks.get((i, flip))
+
+    def keep(self, remap: dict[int, int]) -> None:
+        """Only the examples in remap (old index -> new index) stay, renumbered."""
+        self.mem = {(remap[i], f): v for (i, f), v in self.mem.items() if i in remap}
+        self.masks = {(remap[i], f): v for (i, f), v in self.masks.items() if i in remap}
 
     def get(self, i: int, flip: bool) -> torch.Tensor:
         hit = self.mem.get((i, flip))

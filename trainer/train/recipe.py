@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from trainer import config as C
 from trainer.lora.metadata import RunStats
 from trainer.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from trainer.train.data import LatentCache, TrainData, build_data, captions_are_static, load_pixels, process_caption
+from trainer.train import loss as L
+from trainer.train.data import (LatentCache, TrainData, build_data, captions_are_static, load_mask, load_pixels,
+                                  process_caption)
 from trainer.common.cpu_alloc import is_cpu, keep_cpu_buffers
 from trainer.errors import UserError
 from trainer.train.events import (Checkpoint, Event, JsonlSink, Log, Phase, RunEnded, RunStarted, Sample, Step, fan_out)
@@ -146,14 +147,6 @@ def _sdxl_time_ids(examples, device, dtype) -> torch.Tensor:
     """SDXL micro-conditioning: original size, crop top-left, target size (arXiv:2307.01952, section 2.2)."""
     rows = [[e.size[1], e.size[0], e.crop_box[1], e.crop_box[0], e.bucket[1], e.bucket[0]] for e in examples]
     return torch.tensor(rows, device=device, dtype=dtype)
-
-
-def _min_snr_weights(noise_scheduler, timesteps, gamma: float, v_pred: bool) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al., arXiv:2303.09556), as in diffusers' training examples."""
-    from diffusers.training_utils import compute_snr
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if v_pred else clipped / snr
 
 
 def _changed_keys(old_toml: str, cfg: C.Config) -> list[str]:
@@ -466,7 +459,7 @@ def _drop_examples(cfg: C.Config, data: TrainData, cache: LatentCache | None, sk
     remap = {old: new for new, old in enumerate(keep)}
     data.examples = [data.examples[i] for i in keep]
     if cache is not None:
-        cache.mem = {(remap[i], f): v for (i, f), v in cache.mem.items() if i in remap}
+        cache.keep(remap)
 
 
 def _text_conditioning(cfg: C.Config, data: TrainData, base, device) -> "TextConditioner":
@@ -527,38 +520,70 @@ def _batch_loss(s: Session, idx: list[int], rng: random.Random) -> torch.Tensor:
     weight_dtype = _weight_dtype(cfg)
     exs = [s.data.examples[i] for i in idx]
     flips = [cfg.data.flip and rng.random() < 0.5 for _ in idx]
-    if s.cache is not None:
-        lat = torch.stack([s.cache.get(i, f) for i, f in zip(idx, flips)]).to(device)
-    else:
-        with torch.no_grad():
-            px = torch.stack([load_pixels(e, f) for e, f in zip(exs, flips)]).to(device, base.vae.dtype)
-            lat = base.vae.encode(px).latent_dist.mean.float()
-    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
-    latents = ((lat - shift) * base.vae.config.scaling_factor).to(weight_dtype)
+    latents = _latents(s, idx, flips).to(weight_dtype)
     captions = [process_caption(e.caption, cfg, rng) for e in exs]
     with torch.set_grad_enabled(cfg.lora.train_text_encoder):
         emb, pooled = s.texts.encode(captions, s.text_encoders)
-    emb = emb.to(device, weight_dtype)
-    noise = torch.randn_like(latents)
-    if tr.noise_offset:
-        # Offset noise (crosslabs.org/blog/diffusion-with-offset-noise): lets the model shift mean brightness.
-        noise = noise + tr.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
-                                                      device=device, dtype=latents.dtype)
     nsched = base.noise_scheduler
-    t = torch.randint(0, nsched.config.num_train_timesteps, (latents.shape[0],), device=device).long()
-    noisy = nsched.add_noise(latents, noise, t)
-    added = None
-    if base.family == "sdxl":
-        added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": _sdxl_time_ids(exs, device, weight_dtype)}
-    with s.accelerator.autocast():
-        pred = s.unet(noisy, t, emb, added_cond_kwargs=added).sample
+    noise = L.make_noise(latents, tr)
+    t = L.sample_timesteps(latents.shape[0], tr, nsched.config.num_train_timesteps, device)
+    noisy = L.noisy_input(nsched, latents, noise, t, tr)
+    pred = _predict(s, noisy, t, emb, pooled, exs)
     v_pred = base.prediction_type == "v_prediction"
     target = nsched.get_velocity(latents, noise, t) if v_pred else noise
-    per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if tr.min_snr_gamma > 0:
-        per = per * _min_snr_weights(nsched, t, tr.min_snr_gamma, v_pred).to(per.device)
+    c = L.huber_c(t, tr, nsched) if tr.loss_type in ("huber", "smooth_l1") else None
+    per = L.per_example(L.elementwise_loss(pred, target, tr, c), _mask_weights(s, idx, flips, device),
+                        cfg.data.mask_normalize)
+    tw = L.timestep_weights(nsched, t, tr, v_pred)
+    if tw is not None:
+        per = per * tw.to(per.device)
     w = torch.tensor([cfg.data.prior_loss_weight if e.is_reg else 1.0 for e in exs], device=per.device)
     return (per * w).mean()
+
+
+def _latents(s: Session, idx: list[int], flips: list[bool], cache: "LatentCache | None" = None,
+             examples: list | None = None) -> torch.Tensor:
+    """Scaled VAE latents of the examples, from the cache or encoded now."""
+    base, device = s.base, s.accelerator.device
+    cache = s.cache if examples is None else cache
+    examples = s.data.examples if examples is None else examples
+    if cache is not None:
+        lat = torch.stack([cache.get(i, f) for i, f in zip(idx, flips)]).to(device)
+    else:
+        with torch.no_grad():
+            px = torch.stack([load_pixels(examples[i], f) for i, f in zip(idx, flips)]).to(device, base.vae.dtype)
+            lat = base.vae.encode(px).latent_dist.mean.float()
+    shift = getattr(base.vae.config, "shift_factor", None) or 0.0
+    return (lat - shift) * base.vae.config.scaling_factor
+
+
+def _mask_weights(s: Session, idx: list[int], flips: list[bool], device, cache: "LatentCache | None" = None,
+                  examples: list | None = None) -> torch.Tensor | None:
+    """Per-latent loss weights (B, 1, h, w) from the masks, or None when no example of the batch has one."""
+    cache = s.cache if examples is None else cache
+    examples = s.data.examples if examples is None else examples
+    if not any(examples[i].masked for i in idx):
+        return None
+    masks = []
+    for i, f in zip(idx, flips):
+        m = cache.get_mask(i, f) if cache is not None else None
+        if m is None and cache is None:
+            m = load_mask(examples[i], f)
+        if m is None:  # no mask (or no transparency): the whole picture trains
+            w, h = examples[i].bucket
+            m = torch.ones(1, h // 8, w // 8)
+        masks.append(m)
+    return L.mask_weight(torch.stack(masks).to(device), s.cfg.data.unmasked_weight)
+
+
+def _predict(s: Session, noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, pooled, exs) -> torch.Tensor:
+    """The UNet's prediction (SDXL adds its pooled text embedding and size/crop conditioning)."""
+    device, weight_dtype = s.accelerator.device, _weight_dtype(s.cfg)
+    added = None
+    if s.base.family == "sdxl":
+        added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": _sdxl_time_ids(exs, device, weight_dtype)}
+    with s.accelerator.autocast():
+        return s.unet(noisy, t, emb.to(device, weight_dtype), added_cond_kwargs=added).sample
 
 
 # ------------------------------------------------------------------------------------------------- saving

@@ -69,21 +69,43 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, rank: 
                  overwrite: bool = False, progress: Callable[[int, int], None] | None = None) -> ToolResult:
     """Write the LoRA whose delta best approximates ``tuned`` - ``base`` (Frobenius norm, per layer) to ``out``.
 
-    Both models are single files, diffusers folders or hub ids, loaded in fp32 by the project's loader. Each
-    target layer's difference is formed on its own, left out when ||ΔW|| / ||W_base|| < ``threshold``, else cut to
-    ``rank`` (3x3 convs to ``conv_rank``, default ``rank``; 0 leaves the resnet and sampler layers out) by a
-    full SVD. Output alpha = rank (scale 1).
+    Both models are single files, diffusers folders or hub ids, loaded in fp32 by the project's loader; see
+    :func:`extract_from_models` for the rest.
     """
-    check_rank(rank)
-    if conv_rank is None:
-        conv_rank = rank
-    if conv_rank < 0:
-        raise UserError(f"--conv-rank: must be 0 (no conv layers) or more, got {conv_rank}")
-    if not (math.isfinite(threshold) and threshold >= 0):
-        raise UserError(f"--threshold: must be 0 or more, got {threshold}")
+    _check_args(rank, conv_rank, threshold)
     out = check_output(out, overwrite=overwrite)
     tuned_model = _load(tuned, "tuned")
     base_model = _load(base, "base")
+    sources = [{"role": "tuned", "model": tuned_model.name, "sshs_model_hash": _file_hash(str(tuned))},
+               {"role": "base", "model": base_model.name, "sshs_model_hash": _file_hash(str(base))}]
+    return extract_from_models(tuned_model, base_model, out, rank=rank, conv_rank=conv_rank, threshold=threshold,
+                               dynamic=dynamic, save_precision=save_precision, overwrite=overwrite,
+                               progress=progress, sources=sources)
+
+
+def _check_args(rank: int, conv_rank: int | None, threshold: float) -> None:
+    check_rank(rank)
+    if conv_rank is not None and conv_rank < 0:
+        raise UserError(f"--conv-rank: must be 0 (no conv layers) or more, got {conv_rank}")
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise UserError(f"--threshold: must be 0 or more, got {threshold}")
+
+
+def extract_from_models(tuned_model, base_model, out: str | Path, *, rank: int, conv_rank: int | None = None,
+                        threshold: float = EXTRACT_THRESHOLD, dynamic: Dynamic | None = None,
+                        save_precision: str = "fp16", overwrite: bool = False,
+                        progress: Callable[[int, int], None] | None = None,
+                        sources: list[dict] | None = None) -> ToolResult:
+    """Extract from two loaded models (``BaseModel``-like: unet, text_encoders, family, prediction_type, name).
+
+    Each target layer's difference is formed on its own, left out when ||ΔW|| / ||W_base|| < ``threshold``, else
+    cut to ``rank`` (3x3 convs to ``conv_rank``, default ``rank``; 0 leaves the resnet and sampler layers out) by
+    an SVD (:func:`trainer.lora.tools.svd.svd_of_matrix`). Output alpha = rank (scale 1).
+    """
+    _check_args(rank, conv_rank, threshold)
+    if conv_rank is None:
+        conv_rank = rank
+    out = check_output(out, overwrite=overwrite)
     if tuned_model.family != base_model.family:
         raise UserError(f"--tuned {tuned_model.name} is an {tuned_model.family} model but --base "
                         f"{base_model.name} is an {base_model.family} model")
@@ -105,18 +127,20 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, rank: 
                                 f"{base_model.name} {tuple(w_base.shape)}; the models do not match")
             delta = w_tuned - w_base
             norm = float(delta.norm())
-            if norm <= threshold * float(w_base.norm()) or norm == 0.0:
+            if norm == 0.0 or norm < threshold * float(w_base.norm()):
                 left_out.append(key)
             else:
                 r = conv_rank if is_conv else rank
                 shape = tuple(delta.shape)
                 check_layer_rank(r, key, min(shape[0], math.prod(shape[1:])), shape,
                                  "--conv-rank" if is_conv else "--rank")
-                svd = svd_of_matrix(delta)
-                k = choose_rank(svd.s, r, dynamic)
+                # sv_cumulative needs every singular value; the other rules the leading ones and the norm
+                full = dynamic is not None and dynamic.mode == "sv_cumulative"
+                svd = svd_of_matrix(delta, None if full else r)
+                k = choose_rank(svd.s, r, dynamic, total=norm * norm)
                 modules[key] = to_module(svd, k)
-                reports.append(ModuleReport(key, min(shape[0], math.prod(shape[1:])), k, energy(svd.s),
-                                            energy(svd.s, k)))
+                reports.append(ModuleReport(key, min(shape[0], math.prod(shape[1:])), k, norm * norm,
+                                            min(energy(svd.s, k), norm * norm)))
             del delta, w_base, w_tuned
             if progress:
                 progress(i + 1, len(layers))
@@ -127,8 +151,7 @@ def extract_lora(tuned: str | Path, base: str | Path, out: str | Path, *, rank: 
     family = base_model.family
     md = base_metadata(family, base_model.prediction_type)
     md["ss_sd_model_name"] = base_model.name
-    sources = [{"role": "tuned", "model": tuned_model.name, "sshs_model_hash": _file_hash(str(tuned))},
-               {"role": "base", "model": base_model.name, "sshs_model_hash": _file_hash(str(base))}]
+    sources = sources or [{"role": "tuned", "model": tuned_model.name}, {"role": "base", "model": base_model.name}]
     md = tool_metadata("extract", modules, sources=sources, inherited=md, title=out.stem, family=family,
                        args={"rank": rank, "conv_rank": conv_rank, "threshold": threshold,
                              "dynamic": str(dynamic) if dynamic else None, "precision": save_precision,

@@ -128,17 +128,31 @@ def svd_of_pair(lr: LowRank) -> Svd:
     return Svd(qa @ uc, s, vch @ qb.T, lr.kernel)
 
 
-def svd_of_matrix(w: torch.Tensor) -> Svd:
-    """The thin SVD of a full delta ([out, in] or [out, in, kh, kw], flattened to [out, in·kh·kw])."""
+#: extra columns and power iterations of the randomized SVD of a full delta (docs/lora-format.md, 'LoRA tools')
+OVERSAMPLE, POWER_ITERATIONS = 8, 4
+
+
+def svd_of_matrix(w: torch.Tensor, rank: int | None = None) -> Svd:
+    """The thin SVD of a full delta ([out, in] or [out, in, kh, kw], flattened to [out, in·kh·kw]).
+
+    With ``rank``, only the leading ``rank`` + OVERSAMPLE triplets are computed when the matrix is much larger
+    than that (randomized range finder with power iterations, ``torch.svd_lowrank``): exact for a delta of at
+    most that rank, and minutes faster than a full SVD on SD-sized convs."""
     kernel = tuple(int(k) for k in w.shape[2:])
     m = w.reshape(w.shape[0], -1).float()
+    if rank is not None and min(m.shape) > 2 * (rank + OVERSAMPLE):
+        with torch.random.fork_rng(devices=[]):  # the same file every run, the caller's RNG untouched
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(m, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
+        return Svd(u, s, v.T, kernel)
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return Svd(u, s, vh, kernel)
 
 
-def choose_rank(s: torch.Tensor, rank: int | None, dynamic: Dynamic | None) -> int:
+def choose_rank(s: torch.Tensor, rank: int | None, dynamic: Dynamic | None, total: float | None = None) -> int:
     """How many singular values to keep: ``rank`` caps it (and is it without ``dynamic``), never above len(s),
-    at least 1."""
+    at least 1. ``total``: the squared Frobenius norm of the whole delta when ``s`` holds only the leading
+    values (enough for sv_fro and sv_ratio, not for sv_cumulative)."""
     n = int(s.numel())
     cap = n if rank is None else min(rank, n)
     if dynamic is None or n == 0:
@@ -152,7 +166,7 @@ def choose_rank(s: torch.Tensor, rank: int | None, dynamic: Dynamic | None) -> i
         share = torch.cumsum(s, 0) / s.sum()
         k = int(torch.searchsorted(share, torch.tensor(dynamic.value, dtype=share.dtype) - 1e-12)) + 1
     else:  # sv_fro: the kept part's Frobenius norm is at least value x the whole's
-        share = torch.cumsum(s * s, 0) / (s * s).sum()
+        share = torch.cumsum(s * s, 0) / (total if total else (s * s).sum())
         k = int(torch.searchsorted(share, torch.tensor(dynamic.value ** 2, dtype=share.dtype) - 1e-12)) + 1
     return max(1, min(k, cap))
 

@@ -39,7 +39,7 @@ class BakedLora:
     modules: int  # modules of the file fused into the model (a part at weight 0 adds none)
 
     def record(self) -> dict:
-        return {"file": self.path.name, "path": str(self.path), "sshs_model_hash": self.addnet_hash,
+        return {"file": self.path.name, "sshs_model_hash": self.addnet_hash,
                 "te_weight": self.te_weight, "unet_weight": self.unet_weight, "dyn": self.dyn,
                 "modules": self.modules}
 
@@ -248,14 +248,18 @@ def _fuse(plan: dict, progress: Progress | None) -> None:
 
 
 def _record(model, baked: list[BakedLora], dtype: str) -> dict[str, str]:
-    """How the checkpoint was made, as string metadata (single file) or JSON fields (diffusers folder)."""
+    """How the checkpoint was made, as string metadata (single file) or JSON fields (diffusers folder).
+
+    Files are named without their folders (a shared checkpoint should not carry the maker's paths); a hub id
+    stays whole.
+    """
     from trainer import __version__
+    from trainer.common.names import looks_like_hub_id
 
     return {
         TOOL_KEY: "bake",
         "lorastudio_version": __version__,
-        "lorastudio_base": model.source,
-        "lorastudio_base_name": model.name,
+        "lorastudio_base": model.source if looks_like_hub_id(model.source) else model.name,
         "lorastudio_family": model.family,
         "lorastudio_dtype": dtype,
         "lorastudio_loras": json.dumps([b.record() for b in baked], ensure_ascii=False),

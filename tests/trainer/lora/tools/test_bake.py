@@ -119,7 +119,8 @@ def test_the_file_says_how_it_was_made_and_loads_as_sd1(files, baked_sd1):
     from trainer.models.single_file import load_single_file
     _, meta = _header(baked_sd1.path)
     assert meta["lorastudio_tool"] == "bake"
-    assert meta["lorastudio_base"] == str(files["sd1"]) and meta["lorastudio_family"] == "sd1"
+    assert meta["lorastudio_base"] == "base_sd1.safetensors" and meta["lorastudio_family"] == "sd1"
+    assert str(files["dir"]) not in json.dumps(meta), "no local folder names in a file meant to be shared"
     assert meta["modelspec.title"] == "baked_fp32"
     loras = json.loads(meta["lorastudio_loras"])
     assert [x["file"] for x in loras] == ["style_a.safetensors", "char_b.safetensors"]

@@ -9,8 +9,8 @@ from typing import Callable
 from trainer.errors import UserError
 from trainer.lora.io import FAMILY_LABELS, read_lora
 from trainer.lora.tools.resize import check_layer_rank
-from trainer.lora.tools.svd import (Dynamic, check_rank, choose_rank, energy, low_rank, pair_to_module, same_layer,
-                                    stack, svd_of_pair, to_module)
+from trainer.lora.tools.svd import (Dynamic, check_rank, choose_rank, energy, low_rank, pair_energy, pair_to_module,
+                                    same_layer, stack, svd_of_pair, to_module)
 from trainer.lora.tools.write import (BASE_KEYS, ModuleReport, ToolResult, check_output, family_of, source_record,
                                       tool_metadata, write_lora)
 
@@ -77,7 +77,7 @@ def merge_loras(sources: list[tuple[str | Path, float]], out: str | Path, *, ran
         summed = stack(parts)
         if concat:
             modules[key] = pair_to_module(summed)
-            e = energy(svd_of_pair(summed).s)
+            e = pair_energy(summed)
             reports.append(ModuleReport(key, summed.rank, summed.rank, e, e))
         else:
             check_layer_rank(rank, key, summed.max_rank, summed.weight_shape)

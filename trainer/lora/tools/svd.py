@@ -177,6 +177,12 @@ def energy(s: torch.Tensor, k: int | None = None) -> float:
     return float((s[:k] * s[:k]).sum()) if k is not None else float((s * s).sum())
 
 
+def pair_energy(lr: LowRank) -> float:
+    """||a @ b||_F² from the r x r Gram matrices, without forming the product."""
+    a, b = lr.a.double(), lr.b.double()
+    return float(((a.T @ a) * (b @ b.T)).sum())
+
+
 def to_module(svd: Svd, k: int, *, scale: float = 1.0) -> LoraModule:
     """The first ``k`` singular triplets as a LoRA module with alpha/rank = ``scale``: the factors carry
     sqrt(s / scale) each, so they have the same size (good for fp16) and the delta is u s vh."""

@@ -59,6 +59,8 @@ class RunStats:
     step: int = 0
     epoch: int = 0
     finished_at: float = 0.0
+    #: [step, validation loss] pairs so far (empty without a validation set)
+    validation_curve: list = field(default_factory=list)
 
     @classmethod
     def from_data(cls, data_stats: dict, **run) -> "RunStats":
@@ -66,6 +68,32 @@ class RunStats:
         keys = ("num_train_images", "num_reg_images", "tag_frequency", "dataset_dirs", "reg_dataset_dirs",
                 "bucket_info")
         return cls(**run, **{k: data_stats[k] for k in keys if data_stats.get(k) is not None})
+
+
+def _network(lora) -> tuple[str, dict]:
+    """``ss_network_module`` and ``ss_network_args``: kohya's ``networks.lora`` for LoRA (with ``conv_dim`` when
+    convs train), LyCORIS' ``lycoris.kohya`` with ``algo`` and its options for the other types (docs/lora-format.md,
+    'DoRA and LyCORIS'). All values are strings, as kohya writes them."""
+    from trainer.lora.inject import conv_alpha_of, conv_rank_of
+    from trainer.lora.kinds import LYCORIS_ALGO
+    kind = getattr(lora, "type", "lora")
+    conv_rank = conv_rank_of(lora)
+    conv = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha_of(lora)))} if conv_rank > 0 else {}
+    if kind == "lora":  # as before the other types existed
+        return "networks.lora", ({"conv_dim": str(lora.conv_rank), "conv_alpha": str(float(lora.conv_alpha))}
+                                 if lora.conv_rank > 0 else {})
+    args = {"algo": LYCORIS_ALGO[kind], **conv}
+    if kind == "dora":
+        args.update(dora_wd="True", wd_on_output="False")
+    if kind in ("loha", "lokr"):
+        args.update(rank_dropout=str(float(lora.rank_dropout)), module_dropout=str(float(lora.module_dropout)),
+                    use_tucker=str(bool(lora.use_tucker)))
+    else:
+        args["dropout"] = str(float(lora.dropout))
+    if kind == "lokr":
+        args.update(factor=str(int(lora.lokr_factor)), full_matrix=str(bool(lora.lokr_full_matrix)),
+                    decompose_both=str(bool(lora.lokr_decompose_both)))
+    return "lycoris.kohya", args
 
 
 def build_metadata(cfg, stats: RunStats) -> dict[str, str]:
@@ -81,9 +109,7 @@ def build_metadata(cfg, stats: RunStats) -> dict[str, str]:
     lora, train, data, out = cfg.lora, cfg.train, cfg.data, cfg.output
     te_trained = bool(lora.train_text_encoder)
     te_lr = train.text_encoder_lr if train.text_encoder_lr >= 0 else train.learning_rate
-    network_args = {}
-    if lora.conv_rank > 0:
-        network_args = {"conv_dim": str(lora.conv_rank), "conv_alpha": str(float(lora.conv_alpha))}
+    network_module, network_args = _network(lora)
     batches_per_epoch = max(1, math.ceil(math.ceil(max(1, stats.num_train_images) / train.batch_size)
                                          / train.gradient_accumulation_steps))
     base_version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[family]
@@ -91,7 +117,7 @@ def build_metadata(cfg, stats: RunStats) -> dict[str, str]:
         base_version += "_v"
     res = int(data.resolution)
     md = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": str(float(lora.alpha)),
         "ss_network_args": _json(network_args),
@@ -162,6 +188,9 @@ def build_metadata(cfg, stats: RunStats) -> dict[str, str]:
                        ("trigger_phrase", out.trigger_phrase)):
         if value:
             md[f"modelspec.{key}"] = value
+    if stats.validation_curve:
+        md["lorastudio.validation_loss"] = repr(float(stats.validation_curve[-1][1]))
+        md["lorastudio.validation_curve"] = _json([[int(s), float(v)] for s, v in stats.validation_curve])
     md["lorastudio.config"] = stats.config_toml
     md["lorastudio.version"] = __version__
     return md

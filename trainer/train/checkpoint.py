@@ -41,8 +41,11 @@ def load_trainable_state(modules: dict[str, "torch.nn.Module"], state: dict[str,
 
 
 def save_checkpoint(run_dir: Path, step: int, *, modules, optimizer, scheduler, data_pos: dict,
-                    config_toml: str, keep: int) -> Path:
-    """Write checkpoints/step-XXXXXXXX atomically (temp folder, then rename) and prune old ones."""
+                    config_toml: str, keep: int, extra: dict[str, dict] | None = None) -> Path:
+    """Write checkpoints/step-XXXXXXXX atomically (temp folder, then rename) and prune old ones.
+
+    ``extra``: more named tensor sets of the run's state (e.g. the EMA), each written as <name>.safetensors
+    and given back by load_checkpoint under state["extra"][name]."""
     import torch
     from safetensors.torch import save_file
 
@@ -62,6 +65,8 @@ def save_checkpoint(run_dir: Path, step: int, *, modules, optimizer, scheduler, 
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             rng[f"torch_cuda_{i}"] = s
     save_file(rng, str(tmp / "rng.safetensors"))
+    for name, tensors in (extra or {}).items():
+        save_file(tensors, str(tmp / f"{name}.safetensors"))
     state = {
         "step": step,
         "time": time.time(),
@@ -69,6 +74,7 @@ def save_checkpoint(run_dir: Path, step: int, *, modules, optimizer, scheduler, 
         "scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
         "python_random": _py_random_state(),
         "numpy_random": _np_random_state(),
+        "extra": sorted(extra or {}),
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     (tmp / "config.toml").write_text(config_toml, encoding="utf-8")
@@ -118,6 +124,7 @@ def load_checkpoint(path: Path, *, modules, optimizer, scheduler) -> dict[str, A
             torch.cuda.set_rng_state_all(cuda)
     _set_py_random_state(state["python_random"])
     _set_np_random_state(state["numpy_random"])
+    state["extra"] = {name: load_file(str(path / f"{name}.safetensors")) for name in state.get("extra", [])}
     return state
 
 

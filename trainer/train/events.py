@@ -77,6 +77,15 @@ class Checkpoint(Event):
 
 
 @dataclass
+class Validation(Event):
+    """The validation loss at a step (fixed noise and timesteps, so the points of one run compare)."""
+    type: str = "validation"
+    step: int = 0
+    loss: float = 0.0
+    best: float = 0.0
+
+
+@dataclass
 class RunEnded(Event):
     type: str = "run_ended"
     status: str = "completed"  # completed | stopped | failed
@@ -85,7 +94,7 @@ class RunEnded(Event):
     error: str = ""
 
 
-EVENT_TYPES = {c.type: c for c in (RunStarted, Log, Phase, Step, Sample, Checkpoint, RunEnded)}
+EVENT_TYPES = {c.type: c for c in (RunStarted, Log, Phase, Step, Sample, Checkpoint, Validation, RunEnded)}
 
 
 def read_events(path: str | Path) -> list[dict[str, Any]]:
@@ -164,6 +173,8 @@ class ProgressBar:
             self._write(f"sample saved: {event.path}")
         elif isinstance(event, Checkpoint):
             self._write(f"checkpoint saved at step {event.step}: {event.path}")
+        elif isinstance(event, Validation):
+            self._write(f"validation loss at step {event.step}: {event.loss:.5f} (best {event.best:.5f})")
         elif isinstance(event, RunEnded):
             if self._phase is not None:
                 self._phase.close()

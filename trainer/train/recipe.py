@@ -27,7 +27,10 @@ from trainer.train.data import (LatentCache, TrainData, build_data, captions_are
                                   process_caption)
 from trainer.common.cpu_alloc import is_cpu, keep_cpu_buffers
 from trainer.errors import UserError
-from trainer.train.events import (Checkpoint, Event, JsonlSink, Log, Phase, RunEnded, RunStarted, Sample, Step, fan_out)
+from trainer.train.ema import Ema, nothing
+from trainer.train.events import (Checkpoint, Event, JsonlSink, Log, Phase, RunEnded, RunStarted, Sample, Step,
+                                  Validation, fan_out)
+from trainer.train.validation import ValidationSet, fixed_timesteps
 
 
 @dataclass
@@ -101,35 +104,23 @@ def _set_attention(unet, kind: str) -> None:
 
 
 class TextConditioner:
-    """Prompt embeddings (and SDXL's pooled embedding) with clip skip; cached when the text encoders are frozen."""
+    """Caption embeddings (and SDXL's pooled embedding) with clip skip, in ``max_token_length // 75`` windows of
+    77 tokens (trainer.common.prompt_encoding); cached, keyed by the caption text, when the text encoders are
+    frozen."""
 
-    def __init__(self, base, clip_skip: int, device):
+    def __init__(self, base, clip_skip: int, device, max_token_length: int = 75):
+        from trainer.common.prompt_encoding import WINDOW_TOKENS, PromptEncoder
         self.base, self.clip_skip, self.device = base, clip_skip, device
+        self.windows = max(1, max_token_length // WINDOW_TOKENS)
+        self.encoder = PromptEncoder(base.family, base.tokenizers, clip_skip)
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
-
-    def _ids(self, tok, captions):
-        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                   return_tensors="pt").input_ids.to(self.device)
 
     def encode(self, captions: list[str], text_encoders) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cache is not None:
             hits = [self.cache[c] for c in captions]
             pooled = torch.stack([h[1] for h in hits]) if hits[0][1] is not None else None
             return torch.stack([h[0] for h in hits]), pooled
-        toks = self.base.tokenizers
-        if self.base.family == "sdxl":
-            # SDXL conditions on the penultimate layer of both encoders (clip skip moves both further back).
-            layer = -(self.clip_skip + 1)
-            o1 = text_encoders[0](self._ids(toks[0], captions), output_hidden_states=True)
-            o2 = text_encoders[1](self._ids(toks[1], captions), output_hidden_states=True)
-            return torch.cat([o1.hidden_states[layer], o2.hidden_states[layer]], dim=-1), o2.text_embeds
-        te = text_encoders[0]
-        out = te(self._ids(toks[0], captions), output_hidden_states=self.clip_skip > 1)
-        if self.clip_skip == 1:
-            return out.last_hidden_state, None
-        # A1111's clip skip: an earlier layer, passed through the final layer norm.
-        final_ln = getattr(te, "text_model", te).final_layer_norm
-        return final_ln(out.hidden_states[-self.clip_skip]), None
+        return self.encoder.encode_captions(captions, text_encoders, self.windows)
 
     @torch.no_grad()
     def build_cache(self, captions: list[str], text_encoders) -> None:
@@ -231,6 +222,12 @@ class Session:
     params: list                 # every trained tensor, for clipping and the finiteness check
     stats: RunStats              # what the LoRA file's metadata says about the run
     config_toml: str
+    validation: ValidationSet | None = None
+    ema: Ema | None = None       # the saved weights are its average (train.ema_decay)
+
+    def output_weights(self):
+        """The weights the LoRA files hold in the live parameters: the EMA's when there is one."""
+        return self.ema.applied() if self.ema is not None else nothing()
 
     @property
     def is_main(self) -> bool:
@@ -252,6 +249,13 @@ class LoopState:
     epoch: int
     batch_idx: int
     batches: list[list[int]] = field(default_factory=list)
+    validation: list[list[float]] = field(default_factory=list)   # [step, loss] so far; resumes continue it
+    best_validation: float | None = None
+
+    def position(self) -> dict:
+        """What a checkpoint stores of the loop (besides the step)."""
+        return {"epoch": self.epoch, "batch_idx": self.batch_idx, "validation": self.validation,
+                "best_validation": self.best_validation}
 
     def next_batch(self, order: Callable[[int], list[list[int]]]) -> list[int]:
         if self.batch_idx >= len(self.batches):
@@ -273,16 +277,19 @@ def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, re
         return _stopped_before_training(run_dir, emit)
     handles = _add_adapters(cfg, base)
     cache, complete = _encode_images(cfg, data, base, accelerator, emit, stop_requested)
-    if not complete:
+    validation, val_complete = _validation_set(cfg, data, base, accelerator, emit, stop_requested)
+    if not (complete and val_complete):
         return _stopped_before_training(run_dir, emit)
-    texts = _text_conditioning(cfg, data, base, accelerator.device)
-    if cache is not None and not (cfg.sample.every_steps and cfg.sample.prompts):
+    texts = _text_conditioning(cfg, data, base, accelerator.device, validation)
+    if cache is not None and not (_sampling_on(cfg) and cfg.sample.prompts):
         base.vae.to("cpu")  # latents are cached and nothing samples: the VAE is not needed on the device
     optimizer, scheduler = _optimization(cfg, handles)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ema = Ema(params, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
     trained = {"unet": base.unet}
     if cfg.lora.train_text_encoder:
         trained |= {f"text_encoder_{i}": te for i, te in enumerate(base.text_encoders)}
-    state = _start_state(cfg, run_dir, resume, trained, optimizer, scheduler, emit)
+    state = _start_state(cfg, run_dir, resume, trained, optimizer, scheduler, ema, emit)
     # Checkpoints hold the unwrapped modules' LoRA tensors; DDP wrapping (several processes) comes after.
     wrapped = accelerator.prepare(*trained.values(), optimizer)
     unet, te_wrapped, optimizer = wrapped[0], list(wrapped[1:-1]), wrapped[-1]
@@ -293,8 +300,8 @@ def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, re
                                session_id=secrets.randbelow(2**31))
     s = Session(cfg=cfg, accelerator=accelerator, run_dir=run_dir, emit=emit, base=base, data=data, cache=cache,
                 texts=texts, unet=unet, text_encoders=te_wrapped if cfg.lora.train_text_encoder else base.text_encoders,
-                trained=trained, optimizer=optimizer, scheduler=scheduler,
-                params=[p for g in optimizer.param_groups for p in g["params"]], stats=stats, config_toml=config_toml)
+                trained=trained, optimizer=optimizer, scheduler=scheduler, params=params, stats=stats,
+                config_toml=config_toml, validation=validation, ema=ema)
     state.batches = s.batch_order(state.epoch)
     emit(RunStarted(run_dir=str(run_dir), max_steps=cfg.train.max_steps, start_step=state.step, resumed=resume,
                     num_images=len(data.train_examples), family=base.family, command=command))
@@ -303,8 +310,10 @@ def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, re
         _save(s, state, final=False)  # a stopped run keeps everything: it resumes from this checkpoint
         emit(RunEnded(status="stopped", step=state.step))
         return TrainResult("stopped", state.step, run_dir, None)
+    if validation is not None:
+        _validate(s, state)  # the curve's last point is the final weights'
     lora_path = _save(s, state, final=True)
-    if cfg.sample.every_steps:
+    if _sampling_on(cfg):
         _samples(s, state.step)
     emit(RunEnded(status="completed", step=state.step, lora_path=str(lora_path)))
     return TrainResult("completed", state.step, run_dir, lora_path)
@@ -323,6 +332,7 @@ def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool
         seed = (tr.seed * 1_000_003 + state.step * world + rank) % (2**63)
         torch.manual_seed(seed)
         rng = random.Random(seed)
+        epochs_before = _epochs_done(state)  # samples every N epochs come at the step that ends an epoch
         # Gradient accumulation: several batches, one optimizer step; accelerate syncs gradients on the last.
         loss_sum = torch.zeros((), device=acc.device)
         for _ in range(tr.gradient_accumulation_steps):
@@ -335,8 +345,10 @@ def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool
                 s.optimizer.step()  # a no-op until the last accumulated batch
                 s.optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        # The schedule moves once per optimizer step, not per accumulated batch.
+        # The schedule moves once per optimizer step, not per accumulated batch; so does the EMA.
         s.scheduler.step()
+        if s.ema is not None:
+            s.ema.update()
         state.step += 1
         # The step's one host sync: the mean loss over processes, which also catches divergence at once.
         loss_val = acc.gather(loss_sum[None]).mean().item() / tr.gradient_accumulation_steps
@@ -349,11 +361,13 @@ def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool
                     eta_s=dt * (tr.max_steps - state.step), epoch=state.epoch))
         if cfg.output.tensorboard:
             acc.log({"loss": loss_val, "lr": lr}, step=state.step)
-        # Periodic checkpoints and samples; those of the last step come with the final save.
+        # Periodic validation, checkpoints and samples; those of the last step come with the final save.
         if state.step < tr.max_steps:
+            if s.validation is not None and tr.validation_every_steps and state.step % tr.validation_every_steps == 0:
+                _validate(s, state)
             if tr.save_every_steps and state.step % tr.save_every_steps == 0:
                 _save(s, state, final=False)
-            if cfg.sample.every_steps and state.step % cfg.sample.every_steps == 0:
+            if _samples_due(cfg.sample, state.step, epochs_before, _epochs_done(state)):
                 _samples(s, state.step)
         clock.restart()  # saving and sampling time is not step time
     return True
@@ -462,11 +476,44 @@ def _drop_examples(cfg: C.Config, data: TrainData, cache: LatentCache | None, sk
         cache.keep(remap)
 
 
-def _text_conditioning(cfg: C.Config, data: TrainData, base, device) -> "TextConditioner":
+def _validation_set(cfg: C.Config, data: TrainData, base, accelerator, emit, stop_requested):
+    """The held-out images with their latents, fixed timesteps and fixed noise; (set or None, complete)."""
+    if not data.validation:
+        return None, True
+    vdata = TrainData(list(data.validation))
+    tr = cfg.train
+    timesteps = fixed_timesteps(tr.validation_timesteps, tr.min_timestep,
+                                min(tr.max_timestep, base.noise_scheduler.config.num_train_timesteps))
+    cache = None
+    skipped: dict[int, str] = {}
+    if cfg.data.cache_latents:
+        cache = LatentCache(vdata, base.vae, device=accelerator.device, dtype=_weight_dtype(cfg), disk_dir=None,
+                            flip=False)
+
+        def progress(done: int, total: int) -> bool:
+            emit(Phase(name="caching validation latents", done=done, total=total))
+            return not stop_requested()
+
+        if not cache.build(list(range(len(vdata.examples))), progress, skipped.__setitem__):
+            return None, False
+    for i, why in sorted(skipped.items()):
+        emit(Log(level="warning", message=f"skipped validation image {vdata.examples[i].path}: {why}"))
+    if skipped:
+        keep = [i for i in range(len(vdata.examples)) if i not in skipped]
+        if not keep:
+            raise UserError("data.validation_dir: no validation image decodes", field="data.validation_dir")
+        cache.keep({old: new for new, old in enumerate(keep)})
+        vdata.examples = [vdata.examples[i] for i in keep]
+    emit(Log(message=f"validation: {len(vdata.examples)} image(s) x {len(timesteps)} fixed timesteps"))
+    return ValidationSet(vdata.examples, cache, timesteps, tr.seed), True
+
+
+def _text_conditioning(cfg: C.Config, data: TrainData, base, device, validation=None) -> "TextConditioner":
     """Prompt embeddings; computed once for every caption when the text encoders are frozen and captions fixed."""
-    texts = TextConditioner(base, cfg.model.clip_skip, device)
+    texts = TextConditioner(base, cfg.model.clip_skip, device, cfg.data.max_token_length)
     if not cfg.lora.train_text_encoder and captions_are_static(cfg):
         caps = [e.caption for e in data.examples] + ([""] if cfg.data.caption_dropout > 0 else [])
+        caps += [e.caption for e in (validation.examples if validation is not None else [])]
         with torch.autocast(device.type, enabled=False):
             texts.build_cache(caps, base.text_encoders)
         for te in base.text_encoders:  # no longer needed on the device; sampling moves them back
@@ -488,9 +535,9 @@ def _optimization(cfg: C.Config, handles):
     return optimizer, scheduler
 
 
-def _start_state(cfg: C.Config, run_dir: Path, resume: bool, trained: dict, optimizer, scheduler,
+def _start_state(cfg: C.Config, run_dir: Path, resume: bool, trained: dict, optimizer, scheduler, ema,
                  emit) -> LoopState:
-    """Step 0, or the newest checkpoint's step and data position (its LoRA, optimizer and schedule loaded)."""
+    """Step 0, or the newest checkpoint's step and data position (its LoRA, optimizer, schedule, EMA loaded)."""
     if not resume:
         return LoopState(step=0, epoch=0, batch_idx=0)
     ck = latest_checkpoint(run_dir)
@@ -502,8 +549,15 @@ def _start_state(cfg: C.Config, run_dir: Path, resume: bool, trained: dict, opti
     if changed:
         emit(Log(level="warning", message="resuming with changed settings: " + "; ".join(changed)))
     state = load_checkpoint(ck, modules=trained, optimizer=optimizer, scheduler=scheduler)
+    if ema is not None:
+        if "ema" not in state["extra"]:
+            raise UserError(f"--resume: {ck} was saved without EMA; resume with train.ema_decay = 0 or start over",
+                            field="train.ema_decay")
+        ema.load_state_tensors(state["extra"]["ema"])
     emit(Log(message=f"resumed from {ck} at step {state['step']}"))
-    return LoopState(step=state["step"], epoch=state["data"]["epoch"], batch_idx=state["data"]["batch_idx"])
+    pos = state["data"]
+    return LoopState(step=state["step"], epoch=pos["epoch"], batch_idx=pos["batch_idx"],
+                     validation=pos.get("validation", []), best_validation=pos.get("best_validation"))
 
 
 def _stopped_before_training(run_dir: Path, emit) -> TrainResult:
@@ -590,7 +644,7 @@ def _predict(s: Session, noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor
 
 def _save(s: Session, state: LoopState, *, final: bool) -> Path:
     """A checkpoint (the resume point) and a LoRA file; the final one is named after the run (plus diffusers')."""
-    from trainer.lora.io import build_metadata, save_diffusers_lora, save_lora
+    from trainer.lora.io import save_diffusers_lora
     cfg, step = s.cfg, state.step
     # Never save NaN/inf weights: the last good checkpoint stays the newest.
     if not all(torch.isfinite(p).all() for p in s.params):
@@ -602,18 +656,72 @@ def _save(s: Session, state: LoopState, *, final: bool) -> Path:
         # a final checkpoint too: a finished run can be extended with --resume and a larger max_steps
         ck = save_checkpoint(s.run_dir, step, modules={k: unwrap(v) for k, v in s.trained.items()},
                              optimizer=s.optimizer, scheduler=s.scheduler,
-                             data_pos={"epoch": state.epoch, "batch_idx": state.batch_idx},
-                             config_toml=s.config_toml, keep=cfg.train.keep_checkpoints)
-        s.stats.step, s.stats.epoch, s.stats.finished_at = step, state.epoch, time.time() if final else 0.0
-        unet, tes = unwrap(s.unet), s.base.text_encoders
-        save_lora(lora_path, unet, tes, family=s.base.family, metadata=build_metadata(cfg, s.stats),
-                  save_precision=cfg.output.save_precision)
+                             data_pos=state.position(), config_toml=s.config_toml, keep=cfg.train.keep_checkpoints,
+                             extra={"ema": s.ema.state_tensors()} if s.ema is not None else None)
+        s.stats.finished_at = time.time() if final else 0.0
+        if final and s.ema is not None and cfg.train.ema_save_both:
+            _write_lora(s, state, s.run_dir / f"{cfg.output.name}-raw.safetensors", ema=False)
+        _write_lora(s, state, lora_path)
         if final and cfg.output.also_diffusers:
-            save_diffusers_lora(s.run_dir / "diffusers", unet, tes, family=s.base.family)
+            with s.output_weights():
+                save_diffusers_lora(s.run_dir / "diffusers", unwrap(s.unet), s.base.text_encoders,
+                                    family=s.base.family)
         if not final:
             s.emit(Checkpoint(step=step, path=str(ck), lora_path=str(lora_path)))
     s.accelerator.wait_for_everyone()
     return lora_path
+
+
+@torch.no_grad()
+def _validation_loss(s: Session) -> float:
+    """Mean loss over the validation images x fixed timesteps, with fixed noise (no SNR weighting)."""
+    v, tr, nsched = s.validation, s.cfg.train, s.base.noise_scheduler
+    device, weight_dtype = s.accelerator.device, _weight_dtype(s.cfg)
+    t = v.timesteps.to(device)
+    k = len(t)
+    total = 0.0
+    for j, ex in enumerate(v.examples):
+        latents = _latents(s, [j], [False], cache=v.cache, examples=v.examples).to(weight_dtype).expand(k, -1, -1, -1)
+        noise = v.noise(j, latents)
+        emb, pooled = s.texts.encode([ex.caption] * k, s.text_encoders)
+        pred = _predict(s, nsched.add_noise(latents, noise, t), t, emb, pooled, [ex] * k)
+        target = nsched.get_velocity(latents, noise, t) if s.base.prediction_type == "v_prediction" else noise
+        c = L.huber_c(t, tr, nsched) if tr.loss_type in ("huber", "smooth_l1") else None
+        weight = _mask_weights(s, [j] * k, [False] * k, device, cache=v.cache, examples=v.examples)
+        total += float(L.per_example(L.elementwise_loss(pred, target, tr, c), weight,
+                                     s.cfg.data.mask_normalize).mean())
+    return total / len(v.examples)
+
+
+def _validate(s: Session, state: LoopState) -> None:
+    """One point of the validation curve (of the weights the files hold); keeps the best LoRA if asked."""
+    was_training = s.unet.training
+    s.unet.eval()  # no LoRA dropout: the same weights give the same number
+    with s.output_weights():
+        loss = _validation_loss(s)
+    if was_training:
+        s.unet.train()
+    state.validation.append([state.step, loss])
+    improved = state.best_validation is None or loss < state.best_validation
+    if improved:
+        state.best_validation = loss
+    s.emit(Validation(step=state.step, loss=loss, best=state.best_validation))
+    if s.cfg.output.tensorboard:
+        s.accelerator.log({"validation_loss": loss}, step=state.step)
+    if improved and s.cfg.train.keep_best and s.is_main:
+        s.stats.finished_at = 0.0
+        _write_lora(s, state, s.run_dir / f"{s.cfg.output.name}-best.safetensors")
+    s.accelerator.wait_for_everyone()
+
+
+def _write_lora(s: Session, state: LoopState, path: Path, *, ema: bool = True) -> None:
+    """The one place a LoRA file is written (self-checked, metadata from the run's RunStats); the EMA's weights
+    unless ema=False."""
+    from trainer.lora.io import build_metadata, save_lora
+    s.stats.step, s.stats.epoch, s.stats.validation_curve = state.step, state.epoch, state.validation
+    with s.output_weights() if ema else nothing():
+        save_lora(path, s.accelerator.unwrap_model(s.unet), s.base.text_encoders, family=s.base.family,
+                  metadata=build_metadata(s.cfg, s.stats), save_precision=s.cfg.output.save_precision)
 
 
 def _diverged(s: Session, step: int, what: str) -> UserError:
@@ -621,6 +729,24 @@ def _diverged(s: Session, step: int, what: str) -> UserError:
     keep = f"; the last good checkpoint is {last}" if last else ""
     return UserError(f"{what} at step {step}: training diverged; lower train.learning_rate (now "
                      f"{s.cfg.train.learning_rate:g}){keep}", field="train.learning_rate")
+
+
+def _sampling_on(cfg: C.Config) -> bool:
+    return bool(cfg.sample.every_steps or cfg.sample.every_epochs)
+
+
+def _epochs_done(state: LoopState) -> int:
+    """Epochs finished: the current one counts once its last batch has been used."""
+    return state.epoch + (1 if state.batch_idx >= len(state.batches) else 0)
+
+
+def _samples_due(sample, step: int, epochs_before: int, epochs_after: int) -> bool:
+    """Samples after this step: every sample.every_steps steps, and when the step finished a multiple of
+    sample.every_epochs epochs (once, even when both fall on the same step)."""
+    by_steps = bool(sample.every_steps) and step % sample.every_steps == 0
+    n = sample.every_epochs
+    by_epochs = bool(n) and epochs_after // n > epochs_before // n
+    return by_steps or by_epochs
 
 
 def _samples(s: Session, step: int) -> None:
@@ -640,6 +766,10 @@ def _any_process(accelerator, flag: bool) -> bool:
 
 @torch.no_grad()
 def _save_samples(cfg: C.Config, base, unet, text_encoders, run_dir: Path, step: int, emit, device) -> None:
+    """One PNG per sample.prompts line (its kohya options over the [sample] settings), prompts encoded as the
+    generator encodes them (A1111 weights, BREAK, as many 77-token windows as a prompt needs)."""
+    from trainer.common.prompt_encoding import PromptEncoder
+    from trainer.generate.prompt_syntax import parse_attention, parse_sample_prompts, strip_lora_tags
     from trainer.generate.samplers import make_sampler, png_parameters, save_png
     s = cfg.sample
     out = run_dir / "samples"
@@ -652,19 +782,29 @@ def _save_samples(cfg: C.Config, base, unet, text_encoders, run_dir: Path, step:
     pipe = base.make_pipeline(scheduler=make_sampler(s.sampler, base.scheduler_config))
     pipe.unet = unet
     pipe.set_progress_bar_config(disable=True)
-    w = s.width or cfg.data.resolution
-    h = s.height or cfg.data.resolution
-    clip_skip = cfg.model.clip_skip - 1 or None
-    for i, prompt in enumerate(s.prompts):
-        g = torch.Generator(device="cpu").manual_seed(s.seed + i)
-        with torch.autocast(device.type, enabled=cfg.train.mixed_precision != "no",
-                            dtype=_weight_dtype(cfg) if cfg.train.mixed_precision != "no" else None):
-            img = pipe(prompt, negative_prompt=s.negative_prompt or None, num_inference_steps=s.steps,
-                       guidance_scale=s.guidance_scale, width=w, height=h, generator=g, clip_skip=clip_skip).images[0]
+    encoder = PromptEncoder(base.family, base.tokenizers, cfg.model.clip_skip)
+    zero_empty_negative = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
+    mixed = cfg.train.mixed_precision != "no"
+    for i, sp in enumerate(parse_sample_prompts(s.prompts)):
+        w, h = sp.width or s.width or cfg.data.resolution, sp.height or s.height or cfg.data.resolution
+        steps = sp.steps or s.steps
+        cfg_scale = s.guidance_scale if sp.guidance_scale is None else sp.guidance_scale
+        seed = s.seed + i if sp.seed is None else sp.seed
+        sampler = sp.sampler or s.sampler
+        negative = s.negative_prompt if sp.negative is None else sp.negative
+        pipe.scheduler = make_sampler(sampler, base.scheduler_config)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.autocast(device.type, enabled=mixed, dtype=_weight_dtype(cfg) if mixed else None):
+            embeds = encoder.pipeline_embeddings(parse_attention(strip_lora_tags(sp.prompt)),
+                                                 parse_attention(strip_lora_tags(negative)), text_encoders,
+                                                 zero_empty_negative=zero_empty_negative)
+            img = pipe(**embeds, num_inference_steps=steps, guidance_scale=cfg_scale, width=w, height=h,
+                       generator=g).images[0]
         path = out / f"step{step:08d}-{i:02d}.png"
-        save_png(img, path, png_parameters(prompt, s.negative_prompt, steps=s.steps, sampler=s.sampler,
-                                           cfg_scale=s.guidance_scale, seed=s.seed + i, width=w, height=h,
-                                           model=base.name, extra={"LoRA step": step, "Run": cfg.output.name}))
-        emit(Sample(step=step, path=str(path), prompt=prompt))
+        extra = {"Clip skip": cfg.model.clip_skip} if cfg.model.clip_skip > 1 else {}
+        save_png(img, path, png_parameters(sp.prompt, negative, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                           seed=seed, width=w, height=h, model=base.name,
+                                           extra=extra | {"LoRA step": step, "Run": cfg.output.name}))
+        emit(Sample(step=step, path=str(path), prompt=sp.prompt))
     if was_training:
         unet.train()

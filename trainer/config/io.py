@@ -111,6 +111,8 @@ def validate_for_training(cfg: Config) -> None:
     if tr.keep_best and not (cfg.data.validation_dir or cfg.data.validation_split > 0):
         raise UserError("train.keep_best needs a validation set: set data.validation_dir or data.validation_split",
                         field="train.keep_best")
+    from trainer.generate.prompt_syntax import parse_sample_prompts
+    parse_sample_prompts(cfg.sample.prompts)  # a bad --w/--s/... option fails here, before anything runs
     name = cfg.output.name
     if not name or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
         raise UserError(f"output.name {name!r} is not a valid file name", field="output.name")

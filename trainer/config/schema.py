@@ -25,6 +25,9 @@ PRESET_VERSION = 1
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "shift")
+#: Caption lengths in tokens: one, two or three 75-token windows (trainer.common.prompt_encoding), as kohya's
+#: max_token_length.
+MAX_TOKEN_LENGTHS = (75, 150, 225)
 
 #: Presets larger than this are refused (they are small text files; anything bigger is not ours).
 MAX_PRESET_BYTES = 64 * 1024
@@ -86,6 +89,10 @@ class DataConfig:
                            min=0, max=100, label="Keep n tokens")
     caption_dropout: float = opt(0.0, "Probability of training an image with an empty caption.", min=0.0, max=1.0,
                                  label="Caption dropout")
+    max_token_length: int = opt(75, "Longest caption in tokens: 75 is CLIP's one window; 150 and 225 encode longer "
+                                "captions in 2 or 3 windows of 75 tokens concatenated (kohya's max_token_length, "
+                                "A1111's long prompts). Captions longer than this are cut, with a warning naming "
+                                "the caption file.", choices=MAX_TOKEN_LENGTHS, label="Max token length")
     flip: bool = opt(False, "Random horizontal flip (both orientations are encoded and cached; do not use for "
                      "asymmetric characters or text).", label="Flip augmentation")
     reg_dir: str = opt("", "Optional folder of regularisation (prior-preservation) images with captions; they "
@@ -223,7 +230,12 @@ class SampleConfig:
     """Preview images during training."""
     every_steps: int = opt(0, "Generate samples every N steps (0 = off).", min=0, max=10_000_000,
                            label="Sample every N steps")
-    prompts: list = opt([], "Prompts for the samples (one image each).", label="Sample prompts")
+    every_epochs: int = opt(0, "Generate samples every N epochs, when an epoch ends (0 = off); with every_steps "
+                            "too, both apply.", min=0, max=1_000_000, label="Sample every N epochs")
+    prompts: list = opt([], "Prompts for the samples (one image each), in A1111 syntax ((word:1.2), [word], "
+                        "BREAK, <lora:...> is not applied), each optionally followed by kohya's options: --n "
+                        "negative prompt, --w width, --h height, --s steps, --l CFG scale, --d seed, --ss sampler; "
+                        "options override the settings below for that prompt.", label="Sample prompts")
     negative_prompt: str = opt("", "Negative prompt for the samples.", label="Sample negative prompt")
     steps: int = opt(20, "Denoising steps per sample.", min=1, max=L.MAX_STEPS, label="Sample steps")
     guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=L.MAX_CFG,

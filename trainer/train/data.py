@@ -148,7 +148,39 @@ def build_data(cfg: Config, warn: Callable[[str], None]) -> TrainData:
     held = {e.path for e in validation}
     train = [e for e in train if e.path not in held]
     examples = train + [example(it, True) for it in reg_items]
+    _warn_long_captions(cfg, examples + validation, warn)
     return TrainData(examples, skipped=skipped, validation=validation)
+
+
+def _warn_long_captions(cfg: Config, examples: list[Example], warn: Callable[[str], None]) -> None:
+    """One warning per caption file longer than data.max_token_length (the tokens after it are cut in training)."""
+    from datasets_tools.folder import caption_path
+    limit = cfg.data.max_token_length
+    # every CLIP token covers at least one UTF-8 byte that is not a space: shorter captions need no tokenizer
+    long = {}
+    for e in examples:
+        if len(e.caption.encode("utf-8")) - e.caption.count(" ") > limit:
+            long.setdefault(e.caption, []).append(e)
+    if not long:
+        return
+    from trainer.common.prompt_encoding import count_tokens
+    from trainer.config.schema import MAX_TOKEN_LENGTHS
+    from trainer.models.tokenizers import clip_tokenizer  # the vocabulary of every SD1/SD2/SDXL tokenizer
+    ext = cfg.data.caption_extension if cfg.data.caption_extension.startswith(".") else "." + cfg.data.caption_extension
+    captions, told = list(long), set()
+    for caption, n in zip(captions, count_tokens(clip_tokenizer(), captions)):
+        if n <= limit:
+            continue
+        bigger = [m for m in MAX_TOKEN_LENGTHS if m >= n]
+        fix = f"set data.max_token_length to {bigger[0]}" if bigger else "shorten it"
+        for e in long[caption]:
+            cap = caption_path(e.path, ext)
+            source = str(cap) if cap.is_file() else f"{e.path} (data.default_caption)"
+            if source in told:
+                continue
+            told.add(source)
+            warn(f"{source}: caption is {n} tokens, longer than data.max_token_length ({limit}); training cuts "
+                 f"it after token {limit} ({fix})")
 
 
 def _attach_masks(cfg: Config, examples: list[Example], warn: Callable[[str], None]) -> None:

@@ -73,6 +73,7 @@ class JobView:
     it_per_s: float = 0.0
     eta_s: float | None = None
     loss_points: list[tuple[int, float]] = field(default_factory=list)
+    validation_points: list[tuple[int, float]] = field(default_factory=list)  # the validation curve
     samples: list[tuple[str, str]] = field(default_factory=list)  # (png path, caption)
     log_tail: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -230,6 +231,9 @@ class TrainingJob:
                 v.loss, v.lr = loss, float(ev.get("lr", 0.0))
                 v.it_per_s, v.eta_s = float(ev.get("it_per_s", 0.0)), float(ev.get("eta_s", 0.0))
                 v.phase = ""
+        elif t == "validation":
+            step = int(ev.get("step", 0))
+            v.validation_points = [p for p in v.validation_points if p[0] < step] + [(step, float(ev.get("loss", 0)))]
         elif t == "sample":
             caption = f"step {ev.get('step', 0)}: {ev.get('prompt', '')}"
             v.samples = [s for s in v.samples if s[0] != ev.get("path")] + [(str(ev.get("path", "")), caption)]

@@ -85,14 +85,23 @@ def load_preset_into_form(state: AppState, choice: str, current: list) -> tuple[
     return values, f"loaded preset '{name}' over the defaults{note}"
 
 
-def samples_note(every_raw: Any, max_steps_raw: Any) -> str:
-    """When the first training sample will come, from the form's sample.every_steps and train.max_steps."""
+def samples_note(every_raw: Any, max_steps_raw: Any, every_epochs_raw: Any = 0) -> str:
+    """When the first training sample will come, from the form's sample.every_steps / every_epochs and
+    train.max_steps."""
     try:
         every = value_from_form(C.FIELDS["sample.every_steps"], every_raw)
     except UserError:
         return "Samples: sample.every_steps is not a valid number."
+    try:
+        epochs = value_from_form(C.FIELDS["sample.every_epochs"], every_epochs_raw)
+    except UserError:
+        return "Samples: sample.every_epochs is not a valid number."
+    by_epoch = f"at the end of every {epochs} epoch(s)" if epochs else ""
     if not every:
-        return "Samples are off (Sample every N steps · sample.every_steps is 0)."
+        if by_epoch:
+            return f"Samples {by_epoch}, and after the last step."
+        return ("Samples are off (Sample every N steps · sample.every_steps and Sample every N epochs · "
+                "sample.every_epochs are 0).")
     try:
         max_steps = value_from_form(C.FIELDS["train.max_steps"], max_steps_raw)
     except UserError:
@@ -100,7 +109,57 @@ def samples_note(every_raw: Any, max_steps_raw: Any) -> str:
     if max_steps is not None and every > max_steps:
         return (f"Samples are off for this run: every {every} steps is after the last step ({max_steps}); "
                 "lower sample.every_steps.")
-    return f"First sample at step {every} (every {every} steps)."
+    return f"First sample at step {every} (every {every} steps)" + (f"; also {by_epoch}." if by_epoch else ".")
+
+
+#: Side of one picture in a save's sample grid (the Train tab shows many saves; full size is one click away in
+#: the run's samples/ folder).
+GRID_CELL_PX = 256
+_grid_cache: dict[tuple, Any] = {}
+
+
+def _sample_step(path: str, caption: str) -> int | None:
+    """The step of a training sample: from its file name (stepNNNNNNNN-II.png), else its caption ("step N: ...")."""
+    import re
+    m = re.match(r"step(\d+)-", Path(path).name) or re.match(r"step (\d+):", caption)
+    return int(m.group(1)) if m else None
+
+
+def sample_grids(samples: list[tuple[str, str]]) -> list[tuple[Any, str]]:
+    """The gallery: one picture per save (the prompts of that step side by side), newest save first.
+
+    ``samples`` are (png path, "step N: prompt") in the order the run wrote them."""
+    from PIL import Image
+
+    from trainer.generate.engine import make_grid
+    groups: dict[Any, list[tuple[str, str]]] = {}
+    for path, caption in samples:
+        step = _sample_step(path, caption)
+        groups.setdefault(step if step is not None else path, []).append((path, caption))
+    out = []
+    for key, items in reversed(list(groups.items())):
+        sig = tuple((p, Path(p).stat().st_mtime_ns) for p, _ in items if Path(p).is_file())
+        if not sig:
+            continue
+        grid = _grid_cache.get(sig)
+        if grid is None:
+            cells = []
+            for p, _ in sig:
+                with Image.open(p) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((GRID_CELL_PX, GRID_CELL_PX))
+                    cell = Image.new("RGB", (GRID_CELL_PX, GRID_CELL_PX), "white")
+                    cell.paste(im, ((GRID_CELL_PX - im.width) // 2, (GRID_CELL_PX - im.height) // 2))
+                    cells.append(cell)
+            prompts = [c.split(": ", 1)[-1] for p, c in items if Path(p).is_file()]
+            label = f"step {key}" if isinstance(key, int) else "sample"
+            grid = make_grid([cells], [label], prompts)
+            if len(_grid_cache) > 64:
+                _grid_cache.clear()
+            _grid_cache[sig] = grid
+        step_text = f"step {key}" if isinstance(key, int) else Path(str(key)).name
+        out.append((grid, f"{step_text} · {len(sig)} sample(s)"))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ job view
@@ -151,8 +210,10 @@ def status_md(v: JobView) -> str:
 
 def loss_frame(v: JobView):
     import pandas as pd
-    pts = v.loss_points
-    return pd.DataFrame({"step": [p[0] for p in pts], "loss": [p[1] for p in pts]})
+    # one line per series: the training loss and, with a validation set, the validation loss beside it
+    pts = [(s, loss, "train") for s, loss in v.loss_points]
+    pts += [(s, loss, "validation") for s, loss in v.validation_points]
+    return pd.DataFrame({"step": [p[0] for p in pts], "loss": [p[1] for p in pts], "series": [p[2] for p in pts]})
 
 
 def buttons(v: JobView) -> tuple:
@@ -174,11 +235,12 @@ def job_outputs(state: AppState, seen: dict | None, finished: int = 0, force: bo
     seen = dict(seen or {})
     if not force and seen.get("version") == v.version and seen.get("state") == v.state:
         return tuple([gr.skip()] * len(JOB_OUTPUT_KEYS))
-    plot = loss_frame(v) if force or seen.get("points") != len(v.loss_points) else gr.skip()
+    points = len(v.loss_points) + len(v.validation_points)
+    plot = loss_frame(v) if force or seen.get("points") != points else gr.skip()
     samples = [(p, c) for p, c in v.samples if Path(p).is_file()]
-    gallery = samples if force or seen.get("samples") != len(samples) else gr.skip()
+    gallery = sample_grids(samples) if force or seen.get("samples") != len(samples) else gr.skip()
     ended_now = v.state in ENDED and seen.get("state") not in (None, *ENDED)
-    new_seen = {"version": v.version, "state": v.state, "points": len(v.loss_points), "samples": len(samples)}
+    new_seen = {"version": v.version, "state": v.state, "points": points, "samples": len(samples)}
     return (status_md(v), progress_html(v), plot, gallery, "\n".join(v.log_tail) or "(no log yet)",
             v.command or "", *buttons(v), (finished or 0) + 1 if ended_now else gr.skip(), new_seen)
 
@@ -256,14 +318,14 @@ def create_train_tab(state: AppState, reg: Registry) -> None:
     r("train.status", gr.Markdown(status_md(idle), elem_id="tr-status"))
     r("train.progress", gr.HTML(progress_html(idle), elem_id="tr-progress"))
     with gr.Row():
-        r("train.loss", gr.LinePlot(loss_frame(idle), x="step", y="loss", title="Loss", height=260,
+        r("train.loss", gr.LinePlot(loss_frame(idle), x="step", y="loss", color="series", title="Loss", height=260,
                                     elem_id="tr-loss", scale=1))
         with gr.Column(scale=1):
             note = r("train.samples_note", gr.Markdown(
-                samples_note(C.FIELDS["sample.every_steps"].default, C.FIELDS["train.max_steps"].default),
-                elem_id="tr-samples-note"))
-            r("train.samples", gr.Gallery(label="Samples", columns=4, height=260, object_fit="contain",
-                                          elem_id="tr-samples"))
+                samples_note(C.FIELDS["sample.every_steps"].default, C.FIELDS["train.max_steps"].default,
+                             C.FIELDS["sample.every_epochs"].default), elem_id="tr-samples-note"))
+            r("train.samples", gr.Gallery(label="Samples: one grid per save, newest first", columns=1, height=260,
+                                          object_fit="contain", elem_id="tr-samples"))
     r("train.log", gr.Code(label="Log (last lines of <run>/train.log)", language=None, lines=10, max_lines=14,
                            elem_id="tr-log", value="(no log yet)"))
     r("train.command", gr.Code(label="The same run from a shell", language="shell", lines=1,
@@ -293,8 +355,9 @@ def create_train_tab(state: AppState, reg: Registry) -> None:
                                         show_progress="hidden", queue=False)
 
     every, max_steps = reg.get("train.sample.every_steps"), reg.get("train.train.max_steps")
-    for comp in (every, max_steps):
-        comp.change(samples_note, [every, max_steps], [note], show_progress="hidden", queue=False)
+    every_epochs = reg.get("train.sample.every_epochs")
+    for comp in (every, max_steps, every_epochs):
+        comp.change(samples_note, [every, max_steps, every_epochs], [note], show_progress="hidden", queue=False)
 
     def on_preset_load(choice, *current):
         try:

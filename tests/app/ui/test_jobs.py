@@ -180,3 +180,25 @@ def test_closing_the_app_stops_the_trainer_with_a_checkpoint(tmp_path, fake):
     jm.shutdown()  # what atexit runs when `lorastudio ui` is closed (Ctrl-C or kill)
     v = jm.view()
     assert v.state == "stopped" and list_checkpoints(run)
+
+
+def test_validation_points_become_a_second_line_of_the_loss_plot(tmp_path):
+    from app.ui.jobs import TrainingJob
+    from app.ui.tabs.train import loss_frame
+    run = tmp_path / "run"
+    run.mkdir()
+    job = TrainingJob(run, run / "config.toml", [sys.executable, "-c", "import time; time.sleep(5)"], "x", False,
+                      tmp_path, {})
+    try:
+        with open(run / "events.jsonl", "w") as f:
+            f.write(json.dumps({"type": "run_started", "max_steps": 4, "start_step": 0}) + "\n")
+            for s in (1, 2):
+                f.write(json.dumps({"type": "step", "step": s, "max_steps": 4, "loss": 0.5 / s}) + "\n")
+            f.write(json.dumps({"type": "validation", "step": 2, "loss": 0.3, "best": 0.3}) + "\n")
+        v = job.poll()
+        assert v.validation_points == [(2, 0.3)]
+        frame = loss_frame(v)
+        assert sorted(set(frame["series"])) == ["train", "validation"]
+        assert frame[frame["series"] == "validation"]["loss"].tolist() == [0.3]
+    finally:
+        job.kill(timeout=5)

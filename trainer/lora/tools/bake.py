@@ -217,30 +217,33 @@ def _match(model, specs: list, allow_partial: bool) -> tuple[dict, list[BakedLor
     return plan, baked
 
 
-def _module_delta(lm, multiplier: float, dyn: int | None, shape):
-    """ΔW of one module at ``multiplier`` (fp32); ``dyn`` keeps the first ranks of a plain LoRA at its scale."""
-    from trainer.lora.io import LoraModule
-
-    if dyn is not None and lm.mid is None and dyn < lm.rank:
-        lm = LoraModule(lm.down[:dyn], lm.up[:, :dyn], lm.scale * dyn)
-    return lm.delta(multiplier, shape)
-
-
 def _fuse(plan: dict, progress: Progress | None) -> None:
-    """W = W0 + sum m * ΔW per layer, in fp32, written back in the layer's dtype (in place for fp32)."""
+    """W = W0 + sum m * ΔW per layer, in fp32, written back in the layer's dtype (in place for fp32).
+
+    A plain LoRA adds m * alpha/rank * up @ down with one ``addmm_`` (no full-size temporary; ``dyn`` keeps its
+    first ranks at the file's scale, as the generator does); a module with a Tucker core adds
+    ``LoraModule.delta``.
+    """
     import torch
 
     total = len(plan)
     with torch.no_grad():
         for i, (layer, items) in enumerate(plan.items()):
             w = layer.weight
-            in_place = w.dtype == torch.float32
-            acc = w.data if in_place else w.detach().to(torch.float32)
+            in_place = w.dtype == torch.float32 and w.is_contiguous()
+            acc = w.data if in_place else w.detach().to(torch.float32, memory_format=torch.contiguous_format)
+            flat = acc.view(acc.shape[0], -1)
             for m, lm, dyn in items:
-                acc.add_(_module_delta(lm, m, dyn, w.shape).to(acc.device))
+                if lm.mid is None:
+                    r = lm.rank if dyn is None else min(dyn, lm.rank)
+                    up = lm.up.reshape(lm.up.shape[0], -1)[:, :r].to(flat.device)
+                    down = lm.down.reshape(lm.rank, -1)[:r].to(flat.device)
+                    flat.addmm_(up, down, alpha=m * lm.scale)
+                else:
+                    flat.add_(lm.delta(m, flat.shape).to(flat.device))
             if not in_place:
-                w.data.copy_(acc.to(w.dtype))
-            del acc
+                w.data.copy_(acc)  # one rounding, fp32 -> the layer's dtype
+            del acc, flat
             _step(progress, "fusing", i + 1, total)
 
 

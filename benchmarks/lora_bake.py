@@ -1,0 +1,158 @@
+"""`lorastudio lora bake` on the full-size SD1.5 architecture: seconds, the ratio against only saving, peak RSS.
+
+Nothing is downloaded: the UNet, CLIP-L text encoder and VAE are built from the real SD1.5 configs with random
+weights (benchmarks/generate_speed.py), saved as an fp16 single-file checkpoint, and a random rank-32 kohya LoRA
+(UNet attention+FF+proj, text-encoder attention+MLP) is written by our own writer. The bake itself then runs in a
+fresh process, as a user's would: load the checkpoint, fuse the LoRA, write an fp16 checkpoint. In that same
+process the same model is loaded again and only written with ``save_single_file``; the bake's time is reported
+as seconds and as a ratio against that save. Peak RSS (``resource.getrusage``) of the bake process, measured
+before the save-only run, is compared with the checkpoint's size.
+
+    python benchmarks/lora_bake.py              # SD1.5 size, CPU
+    python benchmarks/lora_bake.py --tiny       # the tiny test model: a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _rss_gib() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB).
+
+    Linux carries ru_maxrss over fork and exec, so the process that starts the measurement must itself stay
+    small: ``main`` imports no torch and leaves the model building to a process of its own.
+    """
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _hwm_gib() -> float | None:
+    """The same peak from /proc (VmHWM, which exec does reset), as a cross-check; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def prepare(folder: Path, tiny: bool, rank: int) -> tuple[Path, Path]:
+    """The base checkpoint (fp16) and one random LoRA for it."""
+    import torch
+
+    from benchmarks.generate_speed import sd15_base_model, tiny_base_model, write_random_loras
+    from trainer.models.ldm_export import save_single_file
+
+    t = time.perf_counter()
+    base = tiny_base_model("cpu", torch.float32) if tiny else sd15_base_model("cpu", torch.float32)
+    lora = write_random_loras(base, folder, 1, rank)[0]
+    ckpt = save_single_file(base.make_pipeline(), folder / "base.safetensors", dtype=torch.float16)
+    print(f"prepared {base.name}: checkpoint {ckpt.stat().st_size / 2**30:.2f} GiB, LoRA rank {rank} "
+          f"{lora.stat().st_size / 2**20:.1f} MiB, in {time.perf_counter() - t:.0f} s")
+    return ckpt, lora
+
+
+def child(folder: Path, rounds: int, threads: int = 0) -> dict:
+    """The measurement, in a process that holds nothing else."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+
+    from trainer.config import ModelConfig
+    from trainer.lora.tools.bake import bake
+    from trainer.models.ldm_export import save_single_file
+    from trainer.models.loading import load_base_model
+
+    ckpt, lora = folder / "base.safetensors", next(folder.glob("bench_lora_*.safetensors"))
+    rss_start = _rss_gib()
+    bakes, bake_cpu, stages = [], [], []
+    for r in range(rounds):
+        marks: dict[str, float] = {}
+        t0, c0 = time.perf_counter(), time.process_time()
+
+        def progress(stage, done, total):
+            marks.setdefault(stage, time.perf_counter())
+
+        result = bake(ckpt, [f"{lora}:0.8"], folder / "baked.safetensors", overwrite=True, progress=progress)
+        end = time.perf_counter()
+        bakes.append(end - t0)
+        bake_cpu.append(time.process_time() - c0)
+        stages.append({"load": marks["fusing"] - marks["loading base model"],
+                       "fuse": marks["writing"] - marks["fusing"], "write": end - marks["writing"]})
+    rss_bake, hwm_bake = _rss_gib(), _hwm_gib()
+    modules = result.loras[0].modules
+
+    saves, save_cpu = [], []
+    model = load_base_model(ModelConfig(base=str(ckpt)), dtype=torch.float16, device="cpu")
+    pipe = model.make_pipeline()
+    for r in range(rounds):
+        t0, c0 = time.perf_counter(), time.process_time()
+        save_single_file(pipe, folder / "saved.safetensors", dtype=torch.float16)
+        saves.append(time.perf_counter() - t0)
+        save_cpu.append(time.process_time() - c0)
+    return {"bake_s": min(bakes), "save_s": min(saves), "bake_cpu_s": min(bake_cpu), "save_cpu_s": min(save_cpu), "stages": min(stages, key=lambda s: sum(s.values())),
+            "rss_start_gib": rss_start, "rss_bake_gib": rss_bake, "hwm_bake_gib": hwm_bake, "modules": modules,
+            "ckpt_gib": ckpt.stat().st_size / 2**30, "out_gib": result.size / 2**30,
+            "threads": torch.get_num_threads()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=1, help="bakes and saves each (the fastest of each is kept)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads of the bake (0 = torch's default; "
+                    "on a busy 2-core machine 1 avoids threads spinning on small matmuls)")
+    ap.add_argument("--tiny", action="store_true", help="use the tiny test model (smoke run)")
+    ap.add_argument("--prepare", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--child", metavar="DIR", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.prepare:
+        prepare(Path(args.prepare), args.tiny, args.rank)
+        return 0
+    if args.child:
+        print(json.dumps(child(Path(args.child), args.rounds, args.threads)))
+        return 0
+
+    env = dict(os.environ, LORASTUDIO_NO_BAR="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = [sys.executable, __file__, "--prepare", tmp, "--rank", str(args.rank), *(["--tiny"] if args.tiny else [])]
+        if subprocess.run(prep, cwd=ROOT, env=env).returncode != 0:
+            return 1
+        run = subprocess.run([sys.executable, __file__, "--child", tmp, "--rounds", str(args.rounds),
+                              "--threads", str(args.threads)],
+                             cwd=ROOT, capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            print(run.stderr, file=sys.stderr)
+            return run.returncode
+        r = json.loads(run.stdout.strip().splitlines()[-1])
+    s = r["stages"]
+    print(f"bake (load + fuse {r['modules']} modules + write fp16), {r['threads']} threads: {r['bake_s']:.1f} s "
+          f"(load {s['load']:.1f} s, fuse {s['fuse']:.1f} s, write {s['write']:.1f} s)")
+    print(f"save_single_file of the same model, same process: {r['save_s']:.1f} s")
+    print(f"bake / save: {r['bake_s'] / r['save_s']:.2f}; (fuse + write) / save: "
+          f"{(s['fuse'] + s['write']) / r['save_s']:.2f}")
+    # on a shared machine the wall clock also counts other processes; this process's CPU seconds do not
+    print(f"CPU seconds of this process: bake {r['bake_cpu_s']:.1f} s, save {r['save_cpu_s']:.1f} s, "
+          f"ratio {r['bake_cpu_s'] / r['save_cpu_s']:.2f}")
+    hwm = f", VmHWM {r['hwm_bake_gib']:.2f} GiB" if r["hwm_bake_gib"] is not None else ""
+    print(f"peak RSS of the bake process: {r['rss_bake_gib']:.2f} GiB (getrusage{hwm}; {r['rss_start_gib']:.2f} GiB "
+          f"after imports); checkpoint {r['ckpt_gib']:.2f} GiB, so peak - checkpoint = "
+          f"{r['rss_bake_gib'] - r['ckpt_gib']:+.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

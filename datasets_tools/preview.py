@@ -15,6 +15,7 @@ from .captions import atomic_write_bytes
 from .errors import DatasetError
 from .folder import collect_images
 from .images import ImageError, load_rgb
+from .masks import load_mask, mask_index
 
 
 @dataclass
@@ -41,9 +42,10 @@ class BucketPreview:
     rows: list[PreviewRow] = field(default_factory=list)
     buckets: dict[str, dict] = field(default_factory=dict)  # "WxH" -> {"images", "samples"}
     warnings: list[str] = field(default_factory=list)
+    mask_dir: str = ""  # masks drawn over the pictures in the contact sheet (data.mask_dir)
 
     def to_dict(self) -> dict:
-        return {"root": self.root, "buckets": self.buckets, "warnings": self.warnings,
+        return {"root": self.root, "buckets": self.buckets, "warnings": self.warnings, "mask_dir": self.mask_dir,
                 "images": [asdict(r) for r in self.rows]}
 
 
@@ -65,21 +67,22 @@ def _summarise(preview: BucketPreview, batch_size: int) -> BucketPreview:
 
 def bucket_preview(source, *, resolution: int = 512, min_px: int = 256, max_px: int = 1024, step: int = 64,
                    no_upscale: bool = False, enable_bucket: bool = True, batch_size: int = 1,
-                   caption_extension: str = ".txt") -> BucketPreview:
+                   caption_extension: str = ".txt", mask_dir: str | os.PathLike = "") -> BucketPreview:
     """Bucket and crop for every image, from a folder, a list of ImageItem, or a ScanReport (settings from it)."""
     from .scan import ScanReport
 
     if isinstance(source, ScanReport):
         rows = [PreviewRow(r.path, r.width, r.height, tuple(r.bucket), tuple(r.resized), tuple(r.crop_box),
                            r.upscaled, r.repeats) for r in source.usable_images()]
-        return _summarise(BucketPreview(source.root, rows), int(source.settings.get("batch_size", 1)))
+        pv = BucketPreview(source.root, rows, mask_dir=str(source.settings.get("mask_dir") or ""))
+        return _summarise(pv, int(source.settings.get("batch_size", 1)))
     if isinstance(source, (str, os.PathLike)):
         root = Path(source)
         items, _ = collect_images(root, caption_extension=caption_extension)
     else:
         items, root = list(source), None
     buckets = make_buckets(resolution, min_px, max_px, step) if enable_bucket else None
-    preview = BucketPreview(str(root.resolve()) if root else "")
+    preview = BucketPreview(str(root.resolve()) if root else "", mask_dir=str(mask_dir or ""))
     for it in items:
         plan = plan_image(it.width, it.height, resolution=resolution, min_px=min_px, max_px=max_px, step=step,
                           no_upscale=no_upscale, enable_bucket=enable_bucket, buckets=buckets)
@@ -117,6 +120,7 @@ def contact_sheet(source, out_png: str | os.PathLike, *, thumb_px: int = 192, co
     """
     preview = source if isinstance(source, BucketPreview) else bucket_preview(source, **settings)
     base = Path(root or preview.root) if (root or preview.root) else None
+    masks = mask_index(preview.mask_dir) if preview.mask_dir and Path(preview.mask_dir).is_dir() else {}
     rows = sorted(preview.rows, key=lambda r: (r.bucket, r.path))[:max_images]
     if not rows:
         raise DatasetError("no usable images to draw in the contact sheet")
@@ -137,6 +141,13 @@ def contact_sheet(source, out_png: str | os.PathLike, *, thumb_px: int = 192, co
             thumb = load_rgb(path, draft_px=thumb_px).resize((tw, th), Image.Resampling.BILINEAR)
         except ImageError:
             thumb = Image.new("RGB", (tw, th), (90, 20, 20))
+        mask = masks.get(Path(r.path).stem)
+        if mask is not None:  # the masked-out part tinted blue: what the masked loss ignores
+            try:
+                m = load_mask(mask).resize((tw, th), Image.Resampling.BILINEAR)
+                thumb = Image.composite(thumb, Image.blend(thumb, Image.new("RGB", (tw, th), (40, 90, 255)), 0.6), m)
+            except ImageError:
+                pass
         # Dim what the crop throws away, so the kept region reads at a glance.
         left, top, right, bottom = (v * t for v in r.box_in_image())
         dim = Image.eval(thumb, lambda v: v // 3)

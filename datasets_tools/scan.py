@@ -175,18 +175,22 @@ def _file_digest(path: Path) -> str:
 def scan_folder(root: str | os.PathLike, *, resolution: int = 512, min_px: int = 256, max_px: int = 1024,
                 step: int = 64, no_upscale: bool = False, batch_size: int = 1, caption_extension: str = ".txt",
                 default_repeats: int = 1, exact_duplicates: bool = True, near_duplicates: bool = True,
-                near_bits: int = NEAR_DUPLICATE_BITS, full_decode: bool = False, progress=None) -> ScanReport:
+                near_bits: int = NEAR_DUPLICATE_BITS, full_decode: bool = False, mask_dir: str | None = None,
+                progress=None) -> ScanReport:
     """Scan root read-only and report images, buckets, crops, problems and warnings.
 
     Header-only by default: a truncation check reads each file's last bytes and decodes only suspects
     (full_decode=True decodes everything). Exact duplicates hash only files whose sizes collide; near
     duplicates decode small thumbnails (JPEG at 1/8 scale), so they cost most and can be turned off.
+    ``mask_dir`` (data.mask_dir): also report each usable image's mask that is missing, of another size, empty
+    or unreadable (warnings: the trainer refuses a wrong size, and trains an image without a mask everywhere).
     ``progress(done, total, stage)`` is called now and then for front-ends.
     """
     t0 = time.perf_counter()
     settings = {"resolution": resolution, "min_px": min_px, "max_px": max_px, "step": step,
                 "no_upscale": no_upscale, "batch_size": batch_size, "caption_extension": caption_extension,
-                "near_duplicates": near_duplicates, "near_bits": near_bits, "full_decode": full_decode}
+                "near_duplicates": near_duplicates, "near_bits": near_bits, "full_decode": full_decode,
+                "mask_dir": str(mask_dir or "")}
     buckets = make_buckets(resolution, min_px, max_px, step)
     items, headers, problems = collect_with_headers(root, caption_extension=caption_extension,
                                                     default_repeats=default_repeats)
@@ -275,6 +279,14 @@ def scan_folder(root: str | os.PathLike, *, resolution: int = 512, min_px: int =
                     f"{records[idx[i]].path}: looks like {paths[0]}{how}")
 
     bad = {p.path for p in report.problems if p.kind in ERROR_KINDS}
+    if mask_dir:
+        from .masks import check_masks
+        mroot = Path(mask_dir).expanduser()
+        if not mroot.is_dir():
+            report.warnings.append(f"mask folder not found: {mroot}")
+        else:
+            for mp in check_masks([(r.path, (r.width, r.height)) for r in records if r.path not in bad], mroot):
+                add(mp.path, mp.kind, mp.message.replace(str(root_p) + os.sep, ""))
     counts: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])
     upscaled = 0
     for r in records:
@@ -328,6 +340,8 @@ _KIND_TITLES = {
     "exact_duplicate": "exact duplicate", "near_duplicate": "near duplicate", "extreme_aspect": "extreme aspect ratio",
     "missing_caption": "no caption file", "unreadable_caption": "caption file unreadable",
     "caption_without_image": "caption without an image",
+    "mask_missing": "no mask (trains everywhere)", "mask_size": "mask of another size (training refuses it)",
+    "mask_empty": "empty mask (trains nothing)", "mask_unreadable": "mask unreadable",
 }
 
 

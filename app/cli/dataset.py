@@ -20,6 +20,7 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     add_field_flag(g, FIELDS["data.bucket_no_upscale"], "--no-upscale")
     add_field_flag(g, FIELDS["train.batch_size"], note="warns about buckets with fewer samples")
     add_field_flag(p, FIELDS["data.caption_extension"])
+    add_field_flag(p, FIELDS["data.mask_dir"], note="reports missing, wrong-size and empty masks")
     p.add_argument("--report", metavar="JSON", help="write the full report (every image, problem and crop) here")
     p.add_argument("--contact-sheet", metavar="PNG", help="draw every image with its bucket and crop box here")
     p.add_argument("--no-near-duplicates", action="store_true",
@@ -78,7 +79,7 @@ def _scan_kwargs(args) -> dict:
     return dict(resolution=args.resolution, min_px=args.min_bucket_px, max_px=args.max_bucket_px,
                 step=args.bucket_step_px, no_upscale=args.no_upscale, batch_size=args.batch_size,
                 caption_extension=args.caption_extension, near_duplicates=not args.no_near_duplicates,
-                full_decode=args.full_decode)
+                full_decode=args.full_decode, mask_dir=args.mask_dir or None)
 
 
 def _check_output(path: str | None, what: str) -> None:

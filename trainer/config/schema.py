@@ -17,6 +17,7 @@ from trainer.common.names import FAMILIES
 from trainer.errors import UserError
 from trainer.generate import limits as L
 from trainer.generate.samplers import SAMPLERS
+from trainer.lora.kinds import ADAPTER_TYPES
 
 #: Version of the preset / config file format. Bump with a migration in ``_migrate``.
 PRESET_VERSION = 1
@@ -107,8 +108,8 @@ class DataConfig:
     cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
                          path=True, label="Latent cache folder")
     mask_dir: str = opt("", "Masked loss: a folder of masks with the images' file stems (white = train, black = "
-                        "ignore, grey = a weight in between), each the size of its image (masks written by "
-                        "`lorastudio masks` fit). Images without a mask train everywhere.", path=True,
+                        "ignore, grey = a weight in between), each the size of its image. Images without a mask "
+                        "train everywhere.", path=True,
                         label="Mask folder (masked loss)")
     alpha_mask: bool = opt(False, "Masked loss from the images' own alpha channel (transparent = ignore); with "
                            "data.mask_dir too, a mask file wins over the alpha channel.", label="Alpha mask")
@@ -128,6 +129,11 @@ class DataConfig:
 @dataclass
 class LoraConfig:
     """What is trained."""
+    type: str = opt("lora", "Adapter type (docs/lora-format.md, 'DoRA and LyCORIS'): 'lora' (convs too when "
+                    "conv_rank > 0), 'locon' (LoRA on the 3x3 convs too, at conv_rank or else rank), 'loha' and "
+                    "'lokr' (LyCORIS Hadamard / Kronecker products), 'dora' (LoRA with DoRA's per-column "
+                    "magnitude). Every type is written with the kohya/LyCORIS names A1111 and ComfyUI read.",
+                    choices=ADAPTER_TYPES, basic=True, label="LoRA type (algo)")
     rank: int = opt(16, "LoRA rank (network dim).", min=1, max=1024, basic=True, label="Network dim (rank)")
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha/rank (0 = alpha equals rank, scale 1).", min=0.0, max=4096.0, basic=True,
                        label="Network alpha")
@@ -145,7 +151,22 @@ class LoraConfig:
                          min=0, max=1024, label="Convolution dim (LoCon)")
     conv_alpha: float = opt(1.0, "LoCon alpha for the conv layers (0 = equal to conv_rank).", min=0.0, max=4096.0,
                             label="Convolution alpha (LoCon)")
-    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", min=0.0, max=0.9, label="Network dropout")
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training (lora, locon, dora).", min=0.0, max=0.9,
+                         label="Network dropout")
+    rank_dropout: float = opt(0.0, "LoHa/LoKr: drop this fraction of the update's output rows at each step "
+                              "(LyCORIS' rank_dropout; training only).", min=0.0, max=0.9, label="Rank dropout")
+    module_dropout: float = opt(0.0, "LoHa/LoKr: skip a whole module with this probability at each step "
+                                "(training only).", min=0.0, max=0.9, label="Module dropout")
+    lokr_factor: int = opt(-1, "LoKr: the Kronecker factor's size (LyCORIS' factor; -1 = as square as the "
+                           "layer allows). Smaller factors make the second matrix bigger.", min=-1, max=1024,
+                           label="LoKr factor")
+    lokr_full_matrix: bool = opt(False, "LoKr: train both Kronecker factors as full matrices (no low-rank split; "
+                                 "rank and alpha are then unused, scale 1), LyCORIS' full_matrix.",
+                                 label="LoKr full matrix")
+    lokr_decompose_both: bool = opt(False, "LoKr: split the first (small) factor into a low-rank pair too, "
+                                    "LyCORIS' decompose_both.", label="LoKr decompose both")
+    use_tucker: bool = opt(False, "LoHa/LoKr: Tucker-decompose the 3x3 convs (hada_t1/t2, lokr_t2), LyCORIS' "
+                           "use_tucker.", label="Use Tucker (convs)")
 
 
 @dataclass

@@ -28,7 +28,8 @@ MAX_GALLERY = 300      # dataset pictures shown at once (thumbnails)
 THUMB_PX = 192
 #: The Train form's fields that the scan and the bucket preview use, in the order of their handlers' arguments.
 BUCKET_KEYS = ("data.resolution", "data.min_bucket_px", "data.max_bucket_px", "data.bucket_step_px",
-               "data.bucket_no_upscale", "data.enable_bucket", "train.batch_size", "data.caption_extension")
+               "data.bucket_no_upscale", "data.enable_bucket", "train.batch_size", "data.caption_extension",
+               "data.mask_dir")
 PROBLEM_HEADERS = ("file", "problem", "message")
 
 
@@ -102,7 +103,7 @@ def scan(state: AppState, root: Path, s: dict, progress=None) -> tuple:
     report = scan_folder(root, resolution=s["data.resolution"], min_px=s["data.min_bucket_px"],
                          max_px=s["data.max_bucket_px"], step=s["data.bucket_step_px"],
                          no_upscale=s["data.bucket_no_upscale"], batch_size=s["train.batch_size"],
-                         caption_extension=s["data.caption_extension"],
+                         caption_extension=s["data.caption_extension"], mask_dir=s["data.mask_dir"] or None,
                          progress=(lambda d, t, *_: progress((d, max(t, 1)), desc="scanning")) if progress else None)
     items = dataset_items(root, s["data.caption_extension"])
     rows = [[p.path, p.kind, p.message] for p in sorted(report.problems, key=lambda p: (p.path, p.kind))]
@@ -193,7 +194,8 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
                                                  interactive=False, elem_id="op-tags", max_height=240))
     with gr.Accordion("Bucket preview (the trainer's own bucket and crop for each picture)", open=True):
         with gr.Row(equal_height=False):
-            gr.Markdown("Uses the Train tab's " + ", ".join(f"`{k}`" for k in BUCKET_KEYS[:-1]) + ".")
+            gr.Markdown("Uses the Train tab's " + ", ".join(f"`{k}`" for k in BUCKET_KEYS
+                                                            if k != "data.caption_extension") + ".")
             bp_btn = gr.Button("Bucket preview", variant="primary", size="md", scale=0, elem_id="bp-run")
         bp_status = r("dataset.bucket_status", gr.Markdown("", elem_id="bp-status"))
         with gr.Row():
@@ -226,10 +228,11 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             return st, text, probs, gr.update(value=json_path, interactive=True), its
 
         @guarded(7)
-        def on_scan(folder_now, res, min_px, max_px, step, no_up, enable, batch, ext, progress=gr.Progress()):
+        def on_scan(folder_now, res, min_px, max_px, step, no_up, enable, batch, ext, mask,
+                    progress=gr.Progress()):
             # (explicit arguments: gradio hands gr.Progress only to a positional parameter)
             root = check_dataset_folder(folder_now)
-            s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext)
+            s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext, mask)
             progress(0.0, desc="scanning ...")
             st, text, probs, json_path, its = scan(state, root, s, progress)
             state.remember_folder(str(root))
@@ -262,10 +265,10 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
 
         @guarded(7)
         def on_caption(folder_now, name, model, template, trigger, overwrite_caps, res, min_px, max_px, step, no_up,
-                       enable, batch, ext, progress=gr.Progress()):
+                       enable, batch, ext, mask, progress=gr.Progress()):
             from datasets_tools.captioners import caption_folder, check_captioner_args, get_captioner
             root = check_dataset_folder(folder_now)
-            s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext)
+            s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext, mask)
             ext = s["data.caption_extension"]
             model = (model or "").strip() or None
             check_captioner_args(name, model)
@@ -329,7 +332,8 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             pv = bucket_preview(root, resolution=s["data.resolution"], min_px=s["data.min_bucket_px"],
                                 max_px=s["data.max_bucket_px"], step=s["data.bucket_step_px"],
                                 no_upscale=s["data.bucket_no_upscale"], enable_bucket=s["data.enable_bucket"],
-                                batch_size=s["train.batch_size"], caption_extension=s["data.caption_extension"])
+                                batch_size=s["train.batch_size"], caption_extension=s["data.caption_extension"],
+                                mask_dir=s["data.mask_dir"])
             counts = [[b, c["images"], c["samples"]] for b, c in pv.buckets.items()]
             rows = [[r_.path, f"{r_.width}x{r_.height}",
                      f"{r_.bucket[0]}x{r_.bucket[1]}" + (" (upscaled)" if r_.upscaled else ""),

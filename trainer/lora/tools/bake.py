@@ -75,8 +75,6 @@ def bake(base: str | Path, loras: Sequence, out: str | Path, *, dtype: str = "fp
     ``out`` is a ``.safetensors`` file, or with ``diffusers=True`` a folder. Bad input (files, families, shapes,
     an existing output without ``overwrite``) is a one-line ``UserError`` raised before anything is written.
     """
-    import torch
-
     from trainer.lora.io import SAVE_DTYPES
 
     start = time.perf_counter()
@@ -104,6 +102,7 @@ def bake(base: str | Path, loras: Sequence, out: str | Path, *, dtype: str = "fp
 
     meta = _record(model, baked, dtype)
     _step(progress, "writing", 0, 1)
+    _make_folder(out)
     if diffusers:
         size = _write_diffusers(model, out, meta)
     else:
@@ -139,14 +138,21 @@ def _check_out(out: Path, *, diffusers: bool, overwrite: bool) -> Path:
             raise UserError(f"{flag} {out} is a folder; give a .safetensors file name", path=str(out))
         if out.exists() and not overwrite:
             raise UserError(f"{flag} {out}: the file exists; give --overwrite to replace it", path=str(out))
+    folder = out.parent  # created only when the output is written; here its nearest existing ancestor is checked
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {out}: {folder} is a file, so the folder cannot be made", path=str(out))
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {out}: the folder {folder} is not writable", path=str(out))
+    return out
+
+
+def _make_folder(out: Path) -> None:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{flag} {out}: cannot create its folder ({e.strerror or first_line(e)})",
-                        path=str(out)) from None
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"{flag} {out}: the folder {out.parent} is not writable", path=str(out))
-    return out
+        raise UserError(f"{out}: cannot create its folder ({e.strerror or first_line(e)})", path=str(out)) from None
 
 
 def _read_loras(loras: Sequence, allow_partial: bool, progress: Progress | None) -> list:

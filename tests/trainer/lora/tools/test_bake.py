@@ -5,7 +5,6 @@ input is one line naming the file with nothing written."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +223,7 @@ def test_bad_lora_is_one_line_naming_it_and_writes_nothing(files, tmp_path, case
         bake(files["sd1"], [str(files["a"]), f"{lora}:0.5"], out_dir / "baked.safetensors")
     msg = str(e.value)
     assert lora.name in msg and words in msg and "\n" not in msg, msg
-    assert not out_dir.exists() or _listing(out_dir) == set()
+    assert not out_dir.exists()
 
 
 def test_a_lora_matching_nothing_is_refused_even_when_partial_loads_are_allowed(files, tmp_path):
@@ -244,7 +243,7 @@ def test_bad_base_is_one_line_naming_it(files, tmp_path, case):
     with pytest.raises(UserError) as e:
         bake(base, [str(files["a"])], tmp_path / "out" / "baked.safetensors")
     assert base.name in str(e.value) and "\n" not in str(e.value)
-    assert not (tmp_path / "out").exists() or _listing(tmp_path / "out") == set()
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_kept_without_overwrite(files, tmp_path):

@@ -59,7 +59,7 @@ def unet_target_module_names(unet, lora_cfg) -> tuple[list[str], list[str]]:
                     hit = any(sub.endswith("." + w) for w in wanted) and ".transformer_blocks." in "." + sub
                 if hit:
                     targets.append(f"{name}.{sub}")
-        elif lora_cfg.conv_rank > 0 and _is_class(module, "ResnetBlock2D"):
+        elif conv_rank_of(lora_cfg) > 0 and _is_class(module, "ResnetBlock2D"):
             # LoCon (docs/lora-format.md, 'Which modules we train'): 3x3 convs at the conv rank; the Linear/1x1 layers
             # of the block at the normal rank
             for sub in ("conv1", "time_emb_proj", "conv2", "conv_shortcut"):
@@ -68,7 +68,7 @@ def unet_target_module_names(unet, lora_cfg) -> tuple[list[str], list[str]]:
                     targets.append(f"{name}.{sub}")
                     if _is_spatial_conv(child):
                         conv_targets.append(f"{name}.{sub}")
-        elif lora_cfg.conv_rank > 0 and (_is_class(module, "Downsample2D") or _is_class(module, "Upsample2D")):
+        elif conv_rank_of(lora_cfg) > 0 and (_is_class(module, "Downsample2D") or _is_class(module, "Upsample2D")):
             child = getattr(module, "conv", None)
             if isinstance(child, torch.nn.Conv2d):
                 targets.append(f"{name}.conv")
@@ -122,35 +122,119 @@ def _drop_last_layers(te, tcfg, n_drop: int) -> None:
     tcfg.target_modules = keep
 
 
-def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg):
-    from peft import LoraConfig as PeftLoraConfig
+def conv_rank_of(lora_cfg) -> int:
+    """The rank of the 3x3 convs: ``conv_rank``; ``locon`` without one uses ``rank`` (0 = convs not trained)."""
+    if lora_cfg.conv_rank > 0:
+        return lora_cfg.conv_rank
+    return lora_cfg.rank if getattr(lora_cfg, "type", "lora") == "locon" else 0
+
+
+def conv_alpha_of(lora_cfg) -> float:
+    return lora_cfg.conv_alpha or conv_rank_of(lora_cfg)
+
+
+def check_adapter_options(lora_cfg) -> None:
+    """Options that the chosen adapter type cannot use are refused before anything loads (one line each)."""
+    from trainer.errors import UserError
+    kind = getattr(lora_cfg, "type", "lora")
+    lycoris = kind in ("loha", "lokr")
+    if lycoris and lora_cfg.dropout > 0:
+        raise UserError(f"lora.dropout: {kind} has no input dropout (peft's {kind} tuner); use lora.rank_dropout "
+                        "or lora.module_dropout", field="lora.dropout")
+    for name in ("rank_dropout", "module_dropout"):
+        if not lycoris and getattr(lora_cfg, name, 0.0) > 0:
+            raise UserError(f"lora.{name}: only loha and lokr have it (peft's LoRA tuner has no {name}); "
+                            f"use lora.dropout", field=f"lora.{name}")
+    if kind != "lokr":
+        for name in ("lokr_full_matrix", "lokr_decompose_both"):
+            if getattr(lora_cfg, name, False):
+                raise UserError(f"lora.{name}: only for lora.type = lokr", field=f"lora.{name}")
+    if not lycoris and getattr(lora_cfg, "use_tucker", False):
+        raise UserError("lora.use_tucker: only for lora.type = loha or lokr", field="lora.use_tucker")
+
+
+def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg, shapes: dict | None = None):
+    """The peft config of the chosen type (docs/lora-format.md, 'DoRA and LyCORIS'); ``shapes`` (target -> base
+    weight shape) sizes LoKr's full-matrix mode."""
+    kind = getattr(lora_cfg, "type", "lora")
     # kohya trains alpha 0 as alpha = rank (docs/lora-format.md, 'Alpha and scale'); doing the same keeps the file's
     # alpha meaningful everywhere
     alpha = lora_cfg.alpha or lora_cfg.rank
-    conv_alpha = lora_cfg.conv_alpha or lora_cfg.conv_rank
+    conv_rank, conv_alpha = conv_rank_of(lora_cfg), conv_alpha_of(lora_cfg)
+    rank_pattern = {p: conv_rank for p in conv_targets}
+    alpha_pattern = {p: conv_alpha for p in conv_targets}
+    if kind in ("loha", "lokr"):
+        from peft import LoHaConfig, LoKrConfig
+        common = dict(r=lora_cfg.rank, alpha=alpha, rank_dropout=lora_cfg.rank_dropout,
+                      module_dropout=lora_cfg.module_dropout, target_modules=list(targets),
+                      use_effective_conv2d=bool(lora_cfg.use_tucker), init_weights=True)
+        if kind == "loha":
+            return LoHaConfig(**common, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        if lora_cfg.lokr_full_matrix:
+            # peft keeps a factor full when r >= half its larger side: a rank that large (alpha equal, scale 1)
+            # makes both factors full, LyCORIS' full_matrix
+            for p in targets:
+                big = max(int(d) for d in (shapes or {}).get(p, (1 << 16,))[:2])
+                rank_pattern[p] = alpha_pattern[p] = big
+        return LoKrConfig(**common, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                          decompose_both=bool(lora_cfg.lokr_decompose_both),
+                          decompose_factor=int(lora_cfg.lokr_factor), rank_dropout_scale=True)
+    from peft import LoraConfig as PeftLoraConfig
     # exact module paths, so nothing outside the intended blocks is ever matched by a short name
     return PeftLoraConfig(
         r=lora_cfg.rank, lora_alpha=alpha, lora_dropout=lora_cfg.dropout, target_modules=list(targets),
-        rank_pattern={p: lora_cfg.conv_rank for p in conv_targets},
-        alpha_pattern={p: conv_alpha for p in conv_targets},
-        init_lora_weights=True)
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, init_lora_weights=True,
+        **({"use_dora": True} if kind == "dora" else {}))
+
+
+def _is_adapter_layer(module, adapter_name: str) -> bool:
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
+    if isinstance(module, LoraLayer):
+        return adapter_name in module.lora_A
+    return isinstance(module, LycorisLayer) and adapter_name in module._available_adapters
 
 
 def iter_lora_layers(model, adapter_name: str):
-    from peft.tuners.lora import LoraLayer
+    """(name, peft layer) of every adapter layer: LoRA/DoRA (peft LoraLayer) or LoHa/LoKr (peft LycorisLayer)."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+        if _is_adapter_layer(module, adapter_name):
             yield name, module
+
+
+def adapter_tensors(layer, adapter_name: str) -> dict[str, "torch.nn.Parameter"]:
+    """A peft layer's trainable tensors of one adapter by their peft name (``lora_A``, ``hada_w1_a``, ...)."""
+    from peft.tuners.lora import LoraLayer
+    if isinstance(layer, LoraLayer):
+        out = {"lora_A": layer.lora_A[adapter_name].weight, "lora_B": layer.lora_B[adapter_name].weight}
+        mag = getattr(layer, "lora_magnitude_vector", None)
+        if mag is not None and adapter_name in mag:
+            out["magnitude"] = mag[adapter_name].weight
+        return out
+    return {n: getattr(layer, n)[adapter_name] for n in layer.adapter_layer_names
+            if adapter_name in getattr(layer, n)}
 
 
 def _finish(model, adapter_name: str, component: str, handles_modules: list) -> list[torch.nn.Parameter]:
     """Freeze the base, make the adapter fp32 and trainable; return its parameters in a stable order."""
+    from peft.tuners.lora import LoraLayer
     params: list[torch.nn.Parameter] = []
     for name, layer in iter_lora_layers(model, adapter_name):
-        for sub in (layer.lora_A[adapter_name], layer.lora_B[adapter_name]):
-            # fp32 master weights over a fp16/bf16 base (docs/lora-format.md, 'dtypes')
-            sub.float()
-            for p in sub.parameters():
+        if isinstance(layer, LoraLayer):
+            subs = [layer.lora_A[adapter_name], layer.lora_B[adapter_name]]
+            mag = getattr(layer, "lora_magnitude_vector", None)
+            if mag is not None and adapter_name in mag:
+                from trainer.lora.dora import use_column_dora
+                subs.append(use_column_dora(layer, adapter_name))
+            for sub in subs:
+                # fp32 master weights over a fp16/bf16 base (docs/lora-format.md, 'dtypes')
+                sub.float()
+                for p in sub.parameters():
+                    p.requires_grad_(True)
+                    params.append(p)
+        else:  # LoHa / LoKr: ParameterDicts
+            for p in adapter_tensors(layer, adapter_name).values():
+                p.data = p.data.float()
                 p.requires_grad_(True)
                 params.append(p)
         handles_modules.append((component, name, layer))
@@ -164,6 +248,7 @@ def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool
     train (``untrainable_te_layers``)."""
     from peft import inject_adapter_in_model
 
+    check_adapter_options(lora_cfg)
     unet.requires_grad_(False)
     for te in text_encoders:
         te.requires_grad_(False)
@@ -171,7 +256,7 @@ def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool
     configs: dict = {}
 
     targets, conv_targets = unet_target_module_names(unet, lora_cfg)
-    ucfg = _peft_config(targets, conv_targets, lora_cfg)
+    ucfg = _peft_config(targets, conv_targets, lora_cfg, _shapes(unet, targets))
     # diffusers' add_adapter also registers the config so set_adapters/save_lora_weights work on it
     if hasattr(unet, "add_adapter"):
         unet.add_adapter(ucfg, adapter_name=adapter_name)
@@ -185,13 +270,18 @@ def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool
         if not train_text_encoder:
             te_params.append([])
             continue
-        tcfg = _peft_config(text_encoder_target_module_names(te, lora_cfg), [], lora_cfg)
+        te_targets = text_encoder_target_module_names(te, lora_cfg)
+        tcfg = _peft_config(te_targets, [], lora_cfg, _shapes(te, te_targets))
         # transformers 5's add_adapter wants peft>=0.22; peft's own injection works on any version
         inject_adapter_in_model(tcfg, te, adapter_name)
         _drop_last_layers(te, tcfg, skip_last_layers[i] if i < len(skip_last_layers) else 0)
         configs[TE_COMPONENTS[i]] = tcfg
         te_params.append(_finish(te, adapter_name, TE_COMPONENTS[i], modules))
     return LoraHandles(adapter_name, unet_params, te_params, modules, configs)
+
+
+def _shapes(model, targets) -> dict:
+    return {p: tuple(model.get_submodule(p).weight.shape) for p in targets}
 
 
 def lora_modules(unet, text_encoders: list, adapter_name: str = "default") -> list[tuple[str, str, torch.nn.Module]]:

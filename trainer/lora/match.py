@@ -7,7 +7,7 @@ import logging
 import torch
 
 from trainer.errors import UserError
-from trainer.lora.form import FAMILY_LABELS, LoraFile, LoraModule, _few
+from trainer.lora.form import FAMILY_LABELS, LoraFile, LoraModule, _few, is_row_scale
 from trainer.lora.keymap import TE_COMPONENTS
 from trainer.lora.reader import _metadata_family
 
@@ -35,6 +35,13 @@ def _fits(mod: LoraModule, layer) -> bool:
     w = getattr(layer, "weight", None)
     if w is None or not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
         return False
+    if mod.dora_scale is not None and not _dora_fits(mod.dora_scale, w.shape):
+        return False
+    if mod.kind != "lora":  # LoHa/LoKr: the update's element count per output, and its kernel where it has one
+        out, n_in, kernel = mod.out_in()
+        if out != w.shape[0] or n_in != int(w[0].numel()):
+            return False
+        return kernel is None or kernel == tuple(w.shape[2:])
     out_features, in_total = w.shape[0], int(w[0].numel())
     if mod.up.shape[0] != out_features:
         return False
@@ -46,6 +53,21 @@ def _fits(mod: LoraModule, layer) -> bool:
         kernel = tuple(mod.mid.shape[2:]) if mod.mid is not None else tuple(mod.down.shape[2:])
         return kernel == tuple(w.shape[2:])
     return int(mod.down[0].numel()) == in_total and mod.mid is None
+
+
+def _shapes(mod: LoraModule) -> str:
+    parts = [f"{k} {tuple(v.shape)}" for k, v in mod.factors.items()] if mod.kind != "lora" else \
+        [f"LoRA down {tuple(mod.down.shape)} up {tuple(mod.up.shape)}"]
+    if mod.dora_scale is not None:
+        parts.append(f"dora_scale {tuple(mod.dora_scale.shape)}")
+    return ", ".join(parts)
+
+
+def _dora_fits(scale: torch.Tensor, shape) -> bool:
+    """A DoRA scale of one magnitude per input column ([1, in, 1, 1] / [1, in]) or per output row ([out, ...])."""
+    if is_row_scale(scale, shape):
+        return True
+    return int(scale.shape[0]) == 1 and scale.numel() == int(shape[1])
 
 
 def match_modules(lora_file: LoraFile, unet, text_encoders: list, *, family: str,
@@ -83,8 +105,7 @@ def match_modules(lora_file: LoraFile, unet, text_encoders: list, *, family: str
         layer = _base_layer(layer)
         if not _fits(mod, layer):
             w = getattr(layer, "weight", None)
-            misfit.append(f"{key} (LoRA down {tuple(mod.down.shape)} up {tuple(mod.up.shape)} vs layer "
-                          f"{tuple(w.shape) if w is not None else type(layer).__name__})")
+            misfit.append(f"{key} ({_shapes(mod)} vs layer {tuple(w.shape) if w is not None else type(layer).__name__})")
             continue
         matched[key] = layer
     if misfit and not allow_partial:

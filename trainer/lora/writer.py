@@ -45,6 +45,38 @@ def _file_alpha(layer, adapter_name: str) -> float:
     return alpha
 
 
+def _module_tensors(layer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One trained peft layer as kohya/LyCORIS tensors (docs/lora-format.md, 'Tensors and shapes', 'DoRA and
+    LyCORIS'); ``alpha`` is fp32, the others are cast by the caller."""
+    from peft.tuners.lora import LoraLayer
+
+    from trainer.lora.inject import adapter_tensors
+    t = {k: v.detach() for k, v in adapter_tensors(layer, adapter_name).items()}
+    if isinstance(layer, LoraLayer):
+        if layer.lora_bias.get(adapter_name, False):
+            raise RuntimeError("a LoRA bias, which the kohya format cannot carry")
+        if "magnitude" not in t:  # LoRA / LoCon: unchanged since the first release
+            return {"lora_down.weight": t["lora_A"], "lora_up.weight": t["lora_B"],
+                    "alpha": torch.tensor(_file_alpha(layer, adapter_name), dtype=torch.float32)}
+        from trainer.lora.dora import ColumnDora
+        if not isinstance(layer.lora_magnitude_vector[adapter_name], ColumnDora):
+            raise RuntimeError("peft's own DoRA (a magnitude per output row), which A1111 cannot apply and ComfyUI "
+                               "applies differently; train it with lora.type = dora (docs/lora-format.md, "
+                               "'DoRA and LyCORIS')")
+        # DoRA: A1111 applies the DoRA norm to up @ down *before* its alpha/r, so the scale is folded into
+        # lora_up and alpha = rank (scale 1) makes A1111 and ComfyUI compute the same W'
+        base = layer.get_base_layer().weight
+        r = int(t["lora_A"].shape[0])
+        return {"lora_down.weight": t["lora_A"], "lora_up.weight": t["lora_B"].float() * layer.scaling[adapter_name],
+                "dora_scale": t["magnitude"].float().reshape(1, base.shape[1], *[1] * (base.dim() - 2)),
+                "alpha": torch.tensor(float(r), dtype=torch.float32)}
+    alpha = torch.tensor(float(layer.alpha[adapter_name]), dtype=torch.float32)
+    if "lokr_w1_b" not in t and "lokr_w2_b" not in t and "lokr_w1" in t:
+        # both LoKr factors full: every reader uses scale 1 there, so peft's alpha/r goes into lokr_w1
+        t["lokr_w1"] = t["lokr_w1"].float() * layer.scaling[adapter_name]
+    return {**t, "alpha": alpha}
+
+
 def kohya_module_name(component: str, path: str, family: str, layout: UnetLayout) -> str:
     if component == "unet":
         return kohya_unet_name(path, family, layout)
@@ -62,19 +94,15 @@ def kohya_state_dict(unet, text_encoders: list, *, family: str, save_precision: 
     tensors: dict[str, torch.Tensor] = {}
     written = []
     for component, path, layer in _adapter_layers(unet, text_encoders, adapter_name):
-        if layer.use_dora.get(adapter_name, False):
-            raise RuntimeError(f"{component}:{path} uses DoRA, which the kohya format cannot carry "
-                               "(docs/lora-format.md, 'DoRA and LyCORIS')")
-        if layer.lora_bias.get(adapter_name, False):
-            raise RuntimeError(f"{component}:{path} has a LoRA bias, which the kohya format cannot carry")
         name = kohya_module_name(component, path, family, layout)
         if name + ".alpha" in tensors:
             raise RuntimeError(f"two modules map to the kohya name {name}")
-        down = layer.lora_A[adapter_name].weight.detach()
-        up = layer.lora_B[adapter_name].weight.detach()
-        tensors[name + ".lora_down.weight"] = down.to("cpu", dtype).contiguous()
-        tensors[name + ".lora_up.weight"] = up.to("cpu", dtype).contiguous()
-        tensors[name + ".alpha"] = torch.tensor(_file_alpha(layer, adapter_name), dtype=torch.float32)
+        try:
+            module_tensors = _module_tensors(layer, adapter_name)
+        except RuntimeError as e:
+            raise RuntimeError(f"{component}:{path} has {e}") from None
+        for suffix, t in module_tensors.items():
+            tensors[f"{name}.{suffix}"] = t if suffix == "alpha" else t.detach().to("cpu", dtype).contiguous()
         written.append((component, path, layer, name))
     return tensors, written
 
@@ -119,14 +147,15 @@ def save_lora(path: str | Path, unet, text_encoders: list, *, family: str, metad
             tmp.unlink()
 
     try:
-        _verify_written(path, digest, md, written, unet, text_encoders, family, adapter_name, tensors)
+        _verify_written(path, digest, md, written, unet, text_encoders, family, adapter_name, tensors,
+                        save_precision)
     except Exception as e:
         path.unlink(missing_ok=True)
         raise RuntimeError(f"self-check of {path} failed, file deleted: {e}") from e
     return SavedLora(path, digest, len(written), len(tensors))
 
 
-def _verify_written(path, digest, md, written, unet, text_encoders, family, adapter_name, tensors):
+def _verify_written(path, digest, md, written, unet, text_encoders, family, adapter_name, tensors, precision="fp32"):
     """Re-open the file and check hash, metadata, key resolution and alpha/r against the live adapter."""
     from safetensors import safe_open
 
@@ -150,12 +179,47 @@ def _verify_written(path, digest, md, written, unet, text_encoders, family, adap
             raise RuntimeError(f"{name} did not read back as {key}")
         if matched.get(key) is not layer.get_base_layer():
             raise RuntimeError(f"{name} resolves to a different layer than {component}:{live_path}")
-        trained = float(layer.scaling[adapter_name])
-        if not math.isclose(mod.scale, trained, rel_tol=1e-6, abs_tol=1e-12):
-            raise RuntimeError(f"{name}: alpha/r = {mod.scale} but the trained scaling is {trained}")
-        if not (torch.equal(mod.down, tensors[name + ".lora_down.weight"].float())
-                and torch.equal(mod.up, tensors[name + ".lora_up.weight"].float())):
-            raise RuntimeError(f"{name}: weights read back differ")
+        if mod.is_plain:  # LoRA / LoCon: the very tensors and alpha/r
+            trained = float(layer.scaling[adapter_name])
+            if not math.isclose(mod.scale, trained, rel_tol=1e-6, abs_tol=1e-12):
+                raise RuntimeError(f"{name}: alpha/r = {mod.scale} but the trained scaling is {trained}")
+            if not (torch.equal(mod.down, tensors[name + ".lora_down.weight"].float())
+                    and torch.equal(mod.up, tensors[name + ".lora_up.weight"].float())):
+                raise RuntimeError(f"{name}: weights read back differ")
+            continue
+        # LoHa / LoKr / DoRA: the update rebuilt from the file alone equals the trained layer's
+        base = layer.get_base_layer().weight.detach()
+        with torch.no_grad():
+            got = mod.delta(1.0, base.shape, base_weight=base)
+            want = trained_delta(layer, adapter_name)
+        err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+        if err > _DELTA_TOLERANCE[precision] and float((got - want).abs().max()) > 1e-7:
+            raise RuntimeError(f"{name}: the update read back differs from the trained one by {err:.2e} "
+                               f"(relative), more than {precision} rounding")
+
+
+#: largest relative Frobenius error of a LoHa/LoKr/DoRA update read back, per save precision
+_DELTA_TOLERANCE = {"fp16": 5e-3, "bf16": 4e-2, "fp32": 1e-5, "float": 1e-5}
+
+
+def trained_delta(layer, adapter_name: str) -> torch.Tensor:
+    """W' - W of one trained peft layer (LoRA, DoRA, LoHa or LoKr) in the base weight's shape, fp32."""
+    from peft.tuners.lora import LoraLayer
+
+    from trainer.lora.dora import dora_delta
+    base = layer.get_base_layer().weight
+    if isinstance(layer, LoraLayer):
+        mag = getattr(layer, "lora_magnitude_vector", None)
+        if mag is not None and adapter_name in mag:
+            return dora_delta(layer, adapter_name)
+        a, b = layer.lora_A[adapter_name].weight.float(), layer.lora_B[adapter_name].weight.float()
+        return (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)).reshape(base.shape) * layer.scaling[adapter_name]
+    was = layer.training
+    layer.train(False)  # no rank dropout
+    try:
+        return layer.get_delta_weight(adapter_name).float().reshape(base.shape)
+    finally:
+        layer.train(was)
 
 
 def save_diffusers_lora(out_dir: str | Path, unet, text_encoders: list, *, family: str,

@@ -478,20 +478,20 @@ def test_lycoris_locon_with_tucker_core(tmp_path):
     assert torch.allclose(F.conv2d(x, mod.delta(), padding=1), sequential, atol=1e-4)
 
 
-def test_refuses_loha_dora_and_unknown_keys(tmp_path):
+def test_refuses_half_loha_bad_dora_oft_and_unknown_keys(tmp_path):
     good = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32, 1, 1),
             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2, 1, 1)}
     loha = dict(good, **{f"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_{x}": torch.zeros(2, 2) for x in "ab"})
     save_file(loha, tmp_path / "loha.safetensors")
-    with pytest.raises(UserError, match="LoHa"):
+    with pytest.raises(UserError, match=r"module unet:down_blocks\.0\.resnets\.0\.conv1: hada_w2_a, hada_w2_b missing"):
         read_lora(tmp_path / "loha.safetensors")
     lf = read_lora(tmp_path / "loha.safetensors", allow_partial=True)
     assert list(lf.modules) == ["unet:down_blocks.0.attentions.0.proj_in"] and len(lf.skipped) == 2
 
-    save_file(dict(good, **{"lora_unet_down_blocks_0_attentions_0_proj_in.dora_scale": torch.ones(32, 1, 1, 1)}),
-              tmp_path / "dora.safetensors")
-    with pytest.raises(UserError, match="DoRA"):
-        read_lora(tmp_path / "dora.safetensors")
+    save_file(dict(good, **{"lora_unet_down_blocks_0_attentions_0_proj_in.oft_blocks": torch.ones(4, 8, 8)}),
+              tmp_path / "oft.safetensors")
+    with pytest.raises(UserError, match="OFT/BOFT adapters cannot be applied"):
+        read_lora(tmp_path / "oft.safetensors")
 
     unknown = dict(good, **{"bundle_emb.zxq.string_to_param.*": torch.zeros(1, 32),
                             "lora_unet_not_a_layer.lora_down.weight": torch.zeros(2, 4)})

@@ -18,7 +18,8 @@ from trainer.errors import UserError
 from trainer.generate.inspection import _addnet, format_inspection, inspect_lora  # noqa: F401
 from trainer.generate.library import (_checkpoint_label, find_lora, list_lora_saves, list_loras,  # noqa: F401
                                       resolve_lora)
-from trainer.generate.prompt_syntax import LoraTag, a1111_alias, parse_lora_arg, parse_prompt
+from trainer.generate.prompt_syntax import (LoraTag, a1111_alias, parse_attention, parse_lora_arg, parse_prompt,
+                                           strip_lora_tags)
 
 MODES = ("fused", "unfused")
 
@@ -416,6 +417,10 @@ class Generator:
             self._pipe.scheduler = scheduler
         return self._pipe
 
+    def _prompt_encoder(self, clip_skip: int):
+        from trainer.common.prompt_encoding import PromptEncoder
+        return PromptEncoder(self.family, self.base.tokenizers, clip_skip)
+
     def resolve_prompt(self, prompt: str) -> tuple[str, list[_Active]]:
         """The prompt the model sees and the LoRAs it asks for (names looked up in the LoRA folder)."""
         text, tags = parse_prompt(prompt)
@@ -453,10 +458,15 @@ class Generator:
                 kwargs["callback_on_step_end"] = _cb
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
             with torch.inference_mode():
-                out = pipe(prompt=text, negative_prompt=negative_prompt or None, num_inference_steps=int(steps),
-                           guidance_scale=float(guidance_scale), width=int(width), height=int(height),
-                           num_images_per_prompt=len(seeds), generator=gens,
-                           clip_skip=(clip_skip - 1) if clip_skip > 1 else None, output_type="pil", **kwargs)
+                # A1111's prompt: (word:1.2) weights, BREAK, as many 77-token windows as it needs, clip skip on
+                # both prompts (trainer.common.prompt_encoding, the encoding training samples use too)
+                embeds = self._prompt_encoder(clip_skip).pipeline_embeddings(
+                    parse_attention(text), parse_attention(strip_lora_tags(negative_prompt or "")),
+                    list(self.base.text_encoders), zero_empty_negative=bool(
+                        getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
+                out = pipe(**embeds, num_inference_steps=int(steps), guidance_scale=float(guidance_scale),
+                           width=int(width), height=int(height), num_images_per_prompt=len(seeds), generator=gens,
+                           output_type="pil", **kwargs)
             images = list(out.images)
             for img, s in zip(images, seeds):
                 img.info["parameters"] = self.infotext(prompt, negative_prompt, seed=s, steps=steps,

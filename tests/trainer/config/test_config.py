@@ -40,6 +40,7 @@ def test_overrides_parse_types():
     ("train.learning_rate=nan", "train.learning_rate"),
     ("train.optimizer=adam", "train.optimizer"),
     ("lora.rank", "expected section.key=value"),
+    ("data.max_token_length=100", "data.max_token_length in --set: 100 is not one of 75, 150, 225"),
 ])
 def test_bad_overrides_name_the_key(override, expected):
     with pytest.raises(UserError) as e:

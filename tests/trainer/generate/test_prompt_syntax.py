@@ -77,3 +77,56 @@ def test_lora_arg_weight_not_a_number():
 
 def test_alias():
     assert a1111_alias("a:b,c") == "abc"
+
+
+# ------------------------------------------------------------------------------------ A1111 attention syntax
+
+def test_attention_weights_nest_and_multiply():
+    from trainer.generate.prompt_syntax import parse_attention
+    assert parse_attention("a cat") == [("a cat", 1.0)]
+    assert parse_attention("a (cat) [dog]") == [("a ", 1.0), ("cat", pytest.approx(1.1)), (" ", 1.0),
+                                                ("dog", pytest.approx(1 / 1.1))]
+    assert parse_attention("((cat))") == [("cat", pytest.approx(1.21))]
+    assert parse_attention("(a (b:2) c:0.5)") == [("a ", pytest.approx(0.5)), ("b", pytest.approx(1.0)),
+                                                  (" c", pytest.approx(0.5))]
+    assert parse_attention("(cat:1.5), dog") == [("cat", 1.5), (", dog", 1.0)]
+    assert parse_attention("(open") == [("open", pytest.approx(1.1))]  # an open bracket runs to the end
+
+
+def test_escapes_stray_brackets_and_colons_are_text():
+    from trainer.generate.prompt_syntax import parse_attention
+    assert parse_attention(r"\(name\) \[x\] a\\b") == [(r"(name) [x] a\b", 1.0)]
+    assert parse_attention("x) y] a: b") == [("x) y] a: b", 1.0)]
+    assert parse_attention("(a:big)") == [("a:big", pytest.approx(1.1))]  # not a number: text, bracket x1.1
+
+
+def test_break_is_its_own_run_and_only_as_a_word():
+    from trainer.generate.prompt_syntax import parse_attention
+    assert parse_attention("a castle BREAK (night:1.2)") == [("a castle", 1.0), ("BREAK", -1.0), ("night", 1.2)]
+    assert parse_attention("BREAKfast, break") == [("BREAKfast, break", 1.0)]
+
+
+# ------------------------------------------------------------------------------------ kohya sample options
+
+def test_sample_prompt_options():
+    from trainer.generate.prompt_syntax import SamplePrompt, parse_sample_prompts
+    got = parse_sample_prompts(["a castle, (night:1.2) --n blurry, low quality --w 768 --h 512 --s 28 --l 6.5 "
+                                "--d 42 --ss Euler a", "plain prompt", "x --ss dpmpp_2m_karras --n "])
+    assert got == [SamplePrompt("a castle, (night:1.2)", "blurry, low quality", 768, 512, 28, 6.5, 42, "euler_a"),
+                   SamplePrompt("plain prompt"), SamplePrompt("x", negative="", sampler="dpmpp_2m_karras")]
+
+
+@pytest.mark.parametrize("line, says", [
+    ("a cat --w 13", "--w 13 is not a multiple of 8"),
+    ("a cat --s many", "--s 'many' is not a whole number"),
+    ("a cat --ss turbo", "--ss 'turbo' is not a sampler"),
+    ("a cat --q 1", "unknown option --q"),
+    ("a cat --l", "--l needs a value"),
+    ("a cat --h 99999", "--h 99999 is above the maximum"),
+])
+def test_a_bad_sample_option_names_the_line_and_the_option(line, says):
+    from trainer.generate.prompt_syntax import parse_sample_prompts
+    with pytest.raises(UserError) as e:
+        parse_sample_prompts(["fine --w 512", line])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"sample.prompts line 2 ({line!r})") and says in msg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import warnings
@@ -22,6 +23,8 @@ from trainer.generate.prompt_syntax import (LoraTag, a1111_alias, parse_attentio
                                            strip_lora_tags)
 
 MODES = ("fused", "unfused")
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -132,6 +135,7 @@ class Generator:
         self._adapter_layers: dict[str, list] = {}    # adapter name -> [(component, module path)]
         self._adapter_counter = 0
         self._wrappers: dict[tuple[str, str], Any] = {}  # (component, module path) -> peft LoRA layer
+        self._told_fused: set = set()                 # files already logged as patched in unfused mode
         self._pipe = None
         self._lock = threading.RLock()
         # one engine owns a loaded model's weights: a new Generator takes over from the previous one, which
@@ -259,8 +263,17 @@ class Generator:
             self._remove_all_adapters()
             self._fuse(active)
         else:
-            self._restore_fused(keep=set())
-            self._apply_adapters(active)
+            # LoHa, LoKr, DoRA and Tucker-core files have no peft LoRA adapter: patched into the weights (as in
+            # fused mode, so the images are the same) while the plain LoRAs run as adapters
+            patched = [a for a in active if not _file_is_plain(a.loaded)]
+            for a in patched:
+                if a.loaded.key not in self._told_fused:
+                    self._told_fused.add(a.loaded.key)
+                    log.info("%s: %s modules have no adapter form; applied fused (weights patched) in unfused "
+                             "mode", a.loaded.path.name, "/".join(sorted({m.label for m in a.loaded.lora.modules.values()
+                                                                          if not m.is_plain})))
+            self._fuse(patched)
+            self._apply_adapters([a for a in active if _file_is_plain(a.loaded)])
         self._applied = sig
         self._active = active
 
@@ -293,13 +306,16 @@ class Generator:
                 merged = w.data.view(w.shape[0], -1) if in_place else w.detach().to(torch.float32).flatten(1)
                 ups, downs = [], []
                 for m, lm, dyn in items:
-                    if _plain(lm):
+                    if lm.dora_scale is not None:  # DoRA: against the original weight, whatever else is mixed in
+                        w0 = self._backup[mod].to(w.device, torch.float32)
+                        merged += lm.delta(m, base_weight=w0).flatten(1)
+                    elif _plain(lm):
                         down, up = lm.down, lm.up
                         if dyn is not None:
                             down, up = down[:dyn], up[:, :dyn]
                         ups.append(up.flatten(1).to(w.device, torch.float32) * (m * float(lm.scale)))
                         downs.append(down.flatten(1).to(w.device, torch.float32))
-                    else:  # Tucker core, DoRA, ...: the reader computes the full update
+                    else:  # Tucker core, LoHa, LoKr: the module computes the full update (dyn is LoRA's only)
                         merged += lm.delta(m).to(w.device, torch.float32).flatten(1)
                 if ups:
                     merged.addmm_(torch.cat(ups, 1), torch.cat(downs, 0))
@@ -616,9 +632,14 @@ def _quote(text: str) -> str:
 
 
 def _plain(lm) -> bool:
-    """A LoRA module that is exactly up @ down (no Tucker core, no DoRA magnitude)."""
-    return getattr(lm, "mid", None) is None and getattr(lm, "dora_scale", None) is None \
-        and getattr(lm, "magnitude", None) is None
+    """A LoRA module that is exactly up @ down (no Tucker core, no DoRA magnitude, not LoHa/LoKr)."""
+    return getattr(lm, "kind", "lora") == "lora" and getattr(lm, "mid", None) is None \
+        and getattr(lm, "dora_scale", None) is None
+
+
+def _file_is_plain(loaded) -> bool:
+    """Every module of the file can be a peft LoRA adapter."""
+    return all(_plain(loaded.lora.modules[k]) for k in loaded.targets)
 
 
 def _stem(source) -> str:

@@ -8,6 +8,7 @@ ends (``train.finished``) so the Generate tab can offer the new LoRA at once.
 
 from __future__ import annotations
 
+import functools
 import html
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,6 @@ def samples_note(every_raw: Any, max_steps_raw: Any, every_epochs_raw: Any = 0) 
 #: Side of one picture in a save's sample grid (the Train tab shows many saves; full size is one click away in
 #: the run's samples/ folder).
 GRID_CELL_PX = 256
-_grid_cache: dict[tuple, Any] = {}
 
 
 def _sample_step(path: str, caption: str) -> int | None:
@@ -129,37 +129,38 @@ def sample_grids(samples: list[tuple[str, str]]) -> list[tuple[Any, str]]:
     """The gallery: one picture per save (the prompts of that step side by side), newest save first.
 
     ``samples`` are (png path, "step N: prompt") in the order the run wrote them."""
-    from PIL import Image
-
-    from trainer.generate.engine import make_grid
     groups: dict[Any, list[tuple[str, str]]] = {}
     for path, caption in samples:
         step = _sample_step(path, caption)
         groups.setdefault(step if step is not None else path, []).append((path, caption))
     out = []
     for key, items in reversed(list(groups.items())):
-        sig = tuple((p, Path(p).stat().st_mtime_ns) for p, _ in items if Path(p).is_file())
-        if not sig:
+        items = [(p, c) for p, c in items if Path(p).is_file()]
+        if not items:
             continue
-        grid = _grid_cache.get(sig)
-        if grid is None:
-            cells = []
-            for p, _ in sig:
-                with Image.open(p) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((GRID_CELL_PX, GRID_CELL_PX))
-                    cell = Image.new("RGB", (GRID_CELL_PX, GRID_CELL_PX), "white")
-                    cell.paste(im, ((GRID_CELL_PX - im.width) // 2, (GRID_CELL_PX - im.height) // 2))
-                    cells.append(cell)
-            prompts = [c.split(": ", 1)[-1] for p, c in items if Path(p).is_file()]
-            label = f"step {key}" if isinstance(key, int) else "sample"
-            grid = make_grid([cells], [label], prompts)
-            if len(_grid_cache) > 64:
-                _grid_cache.clear()
-            _grid_cache[sig] = grid
-        step_text = f"step {key}" if isinstance(key, int) else Path(str(key)).name
-        out.append((grid, f"{step_text} · {len(sig)} sample(s)"))
+        files = tuple((p, Path(p).stat().st_mtime_ns) for p, _ in items)
+        label = f"step {key}" if isinstance(key, int) else Path(str(key)).name
+        out.append((_grid(files, tuple(c.split(": ", 1)[-1] for _, c in items), label),
+                    f"{label} · {len(items)} sample(s)"))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(files: tuple[tuple[str, int], ...], prompts: tuple[str, ...], label: str):
+    """One save's samples in a row, each fitted into a GRID_CELL_PX square, the prompts above them (made once per
+    set of files: the key holds each file's mtime)."""
+    from PIL import Image
+
+    from trainer.generate.engine import make_grid
+    cells = []
+    for p, _ in files:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            im.thumbnail((GRID_CELL_PX, GRID_CELL_PX))
+            cell = Image.new("RGB", (GRID_CELL_PX, GRID_CELL_PX), "white")
+            cell.paste(im, ((GRID_CELL_PX - im.width) // 2, (GRID_CELL_PX - im.height) // 2))
+            cells.append(cell)
+    return make_grid([cells], [label], list(prompts))
 
 
 # ------------------------------------------------------------------------------------------------ job view

@@ -127,6 +127,30 @@ def test_samples_note_says_when_the_first_sample_comes():
     assert samples_note("4", "10") == "First sample at step 4 (every 4 steps)."
     assert samples_note("0", "10").startswith("Samples are off")
     assert "after the last step" in samples_note("50", "10")
+    assert samples_note("0", "10", "2") == "Samples at the end of every 2 epoch(s), and after the last step."
+    assert samples_note("4", "10", "1").endswith("also at the end of every 1 epoch(s).")
+
+
+def test_samples_show_as_one_grid_per_save_newest_first(tmp_path):
+    """The Train tab's gallery: the samples of one step side by side in one picture, the latest save first."""
+    from PIL import Image
+
+    from app.ui.tabs.train import GRID_CELL_PX, sample_grids
+    samples = []
+    for step, n in ((5, 3), (10, 3)):
+        for i in range(n):
+            p = tmp_path / f"step{step:08d}-{i:02d}.png"
+            Image.new("RGB", (64, 96 if i == 0 else 64), (40 * i, 100, step * 20)).save(p)
+            samples.append((str(p), f"step {step}: prompt {i}"))
+    grids = sample_grids(samples)
+    assert [caption for _, caption in grids] == ["step 10 · 3 sample(s)", "step 5 · 3 sample(s)"]
+    image = grids[0][0]
+    assert image.width >= 3 * GRID_CELL_PX and image.height >= GRID_CELL_PX
+    # the step's three pictures sit in one row, in prompt order (the colours tell them apart)
+    row = image.height - GRID_CELL_PX // 2
+    left = image.width - 3 * GRID_CELL_PX
+    colours = [image.getpixel((left + k * GRID_CELL_PX + GRID_CELL_PX // 2, row)) for k in range(3)]
+    assert colours == [(0, 100, 200), (40, 100, 200), (80, 100, 200)]
 
 
 def test_a_finished_job_refreshes_the_lora_list(built, tmp_path):

@@ -85,16 +85,22 @@ def _progress(name: str):
     return lambda done, total: bar(Phase(name=name, done=done, total=total))
 
 
-def _report(result) -> None:
-    """Per module the rank kept and the retained Frobenius share, then the whole file's."""
-    for m in result.modules:
-        print(f"  {m.key}: rank {m.rank_in} -> {m.rank_out}, keeps {m.kept:.2%}")
+def summary(result, path: str | None = None) -> str:
+    """The whole file's line: where it went, modules, size, how many modules have each rank, the retained
+    Frobenius share (also the Tools tab's result line; ``path`` replaces the path as written)."""
     w = result.written
     ranks = Counter(m.rank_out for m in result.modules)
     rank_text = ", ".join(f"rank {r}: {n}" for r, n in sorted(ranks.items(), reverse=True))
     left = f", {len(result.left_out)} layers left out (below the threshold)" if result.left_out else ""
-    print(f"wrote {w.path} ({w.num_modules} modules, {w.size_text}; {rank_text}{left}); "
-          f"the whole file keeps {result.kept:.2%} of the Frobenius norm")
+    return (f"wrote {path or w.path} ({w.num_modules} modules, {w.size_text}; {rank_text}{left}); "
+            f"the whole file keeps {result.kept:.2%} of the Frobenius norm")
+
+
+def _report(result) -> None:
+    """Per module the rank kept and the retained Frobenius share, then the whole file's."""
+    for m in result.modules:
+        print(f"  {m.key}: rank {m.rank_in} -> {m.rank_out}, keeps {m.kept:.2%}")
+    print(summary(result))
 
 
 def _resize(args) -> int:

@@ -46,11 +46,18 @@ def _bake(args) -> int:
                   diffusers=bool(args.diffusers), overwrite=args.overwrite, family=args.family,
                   allow_partial=args.allow_partial,
                   progress=lambda stage, done, total: bar(Phase(name=stage, done=done, total=total)))
+    for line in summary_lines(result):
+        print(line)
+    return 0
+
+
+def summary_lines(result, path: str | None = None) -> list[str]:
+    """What was written, then one line per LoRA (also the Tools tab's result; ``path`` replaces the path)."""
     what = "diffusers folder" if result.diffusers else "checkpoint"
-    print(f"wrote {what} {result.path} ({result.size_text}, {result.dtype}, {result.family}, "
-          f"{result.prediction_type}) in {result.seconds:.1f} s")
+    lines = [f"wrote {what} {path or result.path} ({result.size_text}, {result.dtype}, {result.family}, "
+             f"{result.prediction_type}) in {result.seconds:.1f} s"]
     for b in result.loras:
         weights = f"{b.unet_weight:g}" if b.te_weight == b.unet_weight else \
             f"te {b.te_weight:g} unet {b.unet_weight:g}"
-        print(f"  {b.path.name} at {weights}: {b.modules} modules fused (hash {b.addnet_hash[:12]})")
-    return 0
+        lines.append(f"  {b.path.name} at {weights}: {b.modules} modules fused (hash {b.addnet_hash[:12]})")
+    return lines

@@ -8,6 +8,7 @@ import sys
 
 from app.cli.flags import add_field_flag, range_text
 from trainer.generate.settings import DTYPE_CHOICES, FAMILY_CHOICES, GENERATE_FIELDS, GRID_FIELDS
+from trainer.generate.prompt_syntax import BREAK, ROUND_FACTOR
 
 #: The flag of every generation setting (the settings' own names, except where the CLI has always said otherwise).
 GENERATE_FLAGS = {name: "--" + name.replace("_", "-") for name in GENERATE_FIELDS} | {"guidance_scale": "--cfg"}
@@ -264,6 +265,13 @@ def settings_doc() -> str:
         f"{', '.join(FAMILY_CHOICES)}; `--dtype` one of {', '.join(DTYPE_CHOICES)}. The model and LoRA flags "
         "(`--model`, `--vae`, `--device`, `--lora`, `--lora-dir`, `--no-fuse`, `--allow-partial`) are described "
         "by `lorastudio generate --help`.",
+        "",
+        "Prompts use A1111's syntax: `<lora:name:weight>` tags (applied on top of `--lora`; ignored in a negative "
+        "prompt), "
+        f"attention weights `(word)` x{ROUND_FACTOR:g}, `[word]` /{ROUND_FACTOR:g}, `(word:1.3)` (nesting "
+        f"multiplies; `\\(` is a literal bracket) and `{BREAK}`, which starts a new 75-token window. A prompt "
+        "longer than 75 tokens is encoded in as many windows as it needs, as A1111 does (README, 'Long captions "
+        "and prompts').",
         "",
     ])
 

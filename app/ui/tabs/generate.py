@@ -17,6 +17,7 @@ import gradio as gr
 
 from trainer.errors import UserError
 from trainer.generate import settings as S
+from trainer.generate.inspection import file_summary
 from trainer.generate.limits import LORA_WEIGHT_SLIDER
 
 from app.ui.form import error_md, guarded, setting_control
@@ -97,8 +98,8 @@ def create_generate_tab(state: AppState, reg: Registry, app: gr.Blocks) -> None:
         for i, row in enumerate(rows):
             with gr.Group(elem_id=f"g-lora-{i}"):
                 with gr.Row(equal_height=False):
-                    gr.Markdown(f"**{html.escape(Path(row['path']).name)}**  \n`{row['path']}`",
-                                elem_id=f"g-lora-name-{i}")
+                    gr.Markdown(f"**{html.escape(Path(row['path']).name)}**  \n`{row['path']}`  \n"
+                                f"{html.escape(file_summary(row['path']))}", elem_id=f"g-lora-name-{i}")
                     w = gr.Slider(w_min, w_max, value=row["weight"], step=w_step, label="weight", scale=3,
                                   elem_id=f"g-lora-weight-{i}", key=f"w-{row['id']}", interactive=True)
                     rm = gr.Button("Remove", size="md", scale=0, elem_id=f"g-lora-remove-{i}", key=f"rm-{row['id']}")

@@ -32,6 +32,7 @@ from app.ui.state import AppState  # noqa: E402
 from app.ui.tabs.dataset import create_dataset_tab  # noqa: E402
 from app.ui.tabs.generate import create_generate_tab  # noqa: E402
 from app.ui.tabs.presets import create_presets_tab  # noqa: E402
+from app.ui.tabs.tools import create_tools_tab  # noqa: E402
 from app.ui.tabs.train import create_train_tab  # noqa: E402
 
 MAX_UPLOAD = "1mb"     # only presets are uploaded; import_preset refuses anything over 64 KiB with the reason
@@ -68,7 +69,7 @@ def build_app(state: AppState) -> gr.Blocks:
 
 
 def build_blocks(state: AppState) -> tuple[gr.Blocks, Registry]:
-    """The page: header, the four tabs in order, then the wiring that reaches across tabs."""
+    """The page: header, the tabs in order, then the wiring that reaches across tabs."""
     reg = Registry()
     with gr.Blocks(title="LoRA Studio", analytics_enabled=False) as app:
         create_header(state, reg)
@@ -81,6 +82,8 @@ def build_blocks(state: AppState) -> tuple[gr.Blocks, Registry]:
                 create_generate_tab(state, reg, app)
             with reg.add("tab.presets", gr.Tab("Presets", id="presets")):
                 create_presets_tab(state, reg)
+            with reg.add("tab.tools", gr.Tab("Tools", id="tools")):
+                create_tools_tab(state, reg)
         reg.finish()
         wire_page(state, reg, app)
     return app, reg

@@ -25,6 +25,9 @@ from app.ui.jobs import JobManager
 log = logging.getLogger("lorastudio.ui")
 
 WORK_DIR_NAME = ".lorastudio-ui"
+#: where the Tools tab writes by default, under <root>/outputs: LoRA files, and baked checkpoints (not LoRAs)
+TOOLS_DIR_NAME = "lora-tools"
+BAKED_DIR_NAME = "baked"
 
 
 def rel(path: str | Path, base: Path) -> str:
@@ -125,6 +128,16 @@ class AppState:
     def default_lora_dir(self) -> Path:
         return self.root / "loras"
 
+    @property
+    def tools_out(self) -> Path:
+        """The Tools tab's LoRA files (listed with the runs' LoRAs)."""
+        return self.outputs / TOOLS_DIR_NAME
+
+    @property
+    def baked_out(self) -> Path:
+        """The Tools tab's baked checkpoints (listed with the base models, not the LoRAs)."""
+        return self.outputs / BAKED_DIR_NAME
+
     def remember_folder(self, folder: str) -> None:
         folder = str(Path(folder).resolve())
         self.chosen = [folder] + [f for f in self.chosen if f != folder][:19]
@@ -154,6 +167,9 @@ class AppState:
             for p in sorted(models.iterdir()):
                 if (p / "model_index.json").is_file() or p.suffix in (".safetensors", ".ckpt"):
                     out.append(str(p))
+        if self.baked_out.is_dir():
+            out += [str(p) for p in sorted(self.baked_out.iterdir())
+                    if p.suffix == ".safetensors" or (p / "model_index.json").is_file()]
         return out
 
     def preset_choices(self) -> list[tuple[str, str]]:
@@ -181,7 +197,8 @@ class AppState:
         seen, out = set(), []
         for f in sorted(self.outputs.rglob("*.safetensors")):
             parts = f.relative_to(self.outputs).parts
-            if "checkpoints" in parts or f.name.startswith("pytorch_lora_weights") or parts[0] == "generated":
+            if "checkpoints" in parts or f.name.startswith("pytorch_lora_weights") or parts[0] in (
+                    "generated", BAKED_DIR_NAME):
                 continue
             out.append((f"outputs/{f.relative_to(self.outputs).as_posix()}", str(f)))
             seen.add(str(f.resolve()))

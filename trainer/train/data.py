@@ -245,9 +245,9 @@ def load_pixels(ex: Example, flip: bool = False) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-def load_mask(ex: Example, flip: bool = False) -> torch.Tensor | None:
-    """The example's mask on the latent grid (1 x h/8 x w/8, 0..1), cropped exactly as its picture; None if it
-    has none (trains everywhere)."""
+def load_mask(ex: Example, flip: bool = False, size: tuple[int, int] | None = None) -> torch.Tensor | None:
+    """The example's mask on the latent grid (1 x h x w, 0..1; ``size`` = the latents' (h, w), default the
+    bucket / 8), cropped exactly as its picture; None if it has none (trains everywhere)."""
     from datasets_tools.masks import load_alpha, load_mask as read_mask
     img = read_mask(ex.mask) if ex.mask is not None else (load_alpha(ex.path) if ex.alpha_mask else None)
     if img is None:
@@ -257,7 +257,7 @@ def load_mask(ex: Example, flip: bool = False) -> torch.Tensor | None:
     if flip:
         m = m.flip(-1)
     w, h = ex.bucket
-    return torch.nn.functional.adaptive_avg_pool2d(m, (h // 8, w // 8))[0]
+    return torch.nn.functional.adaptive_avg_pool2d(m, size or (h // 8, w // 8))[0]
 
 
 def process_caption(caption: str, cfg: Config, rng: random.Random) -> str:
@@ -337,7 +337,7 @@ class LatentCache:
         self._encode_one(i, f, skip)
         ex = self.data.examples[i]
         if ex.masked and (i, f) in self.mem:
-            mask = load_mask(ex, f)
+            mask = load_mask(ex, f, tuple(self.mem[(i, f)].shape[-2:]))
             if mask is not None:
                 self.masks[(i, f)] = mask
 

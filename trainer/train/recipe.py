@@ -586,8 +586,8 @@ def _batch_loss(s: Session, idx: list[int], rng: random.Random) -> torch.Tensor:
     v_pred = base.prediction_type == "v_prediction"
     target = nsched.get_velocity(latents, noise, t) if v_pred else noise
     c = L.huber_c(t, tr, nsched) if tr.loss_type in ("huber", "smooth_l1") else None
-    per = L.per_example(L.elementwise_loss(pred, target, tr, c), _mask_weights(s, idx, flips, device),
-                        cfg.data.mask_normalize)
+    weight = _mask_weights(s, idx, flips, tuple(latents.shape[-2:]), device)
+    per = L.per_example(L.elementwise_loss(pred, target, tr, c), weight, cfg.data.mask_normalize)
     tw = L.timestep_weights(nsched, t, tr, v_pred)
     if tw is not None:
         per = per * tw.to(per.device)
@@ -611,8 +611,8 @@ def _latents(s: Session, idx: list[int], flips: list[bool], cache: "LatentCache 
     return (lat - shift) * base.vae.config.scaling_factor
 
 
-def _mask_weights(s: Session, idx: list[int], flips: list[bool], device, cache: "LatentCache | None" = None,
-                  examples: list | None = None) -> torch.Tensor | None:
+def _mask_weights(s: Session, idx: list[int], flips: list[bool], size: tuple[int, int], device,
+                  cache: "LatentCache | None" = None, examples: list | None = None) -> torch.Tensor | None:
     """Per-latent loss weights (B, 1, h, w) from the masks, or None when no example of the batch has one."""
     cache = s.cache if examples is None else cache
     examples = s.data.examples if examples is None else examples
@@ -622,10 +622,9 @@ def _mask_weights(s: Session, idx: list[int], flips: list[bool], device, cache: 
     for i, f in zip(idx, flips):
         m = cache.get_mask(i, f) if cache is not None else None
         if m is None and cache is None:
-            m = load_mask(examples[i], f)
+            m = load_mask(examples[i], f, size)
         if m is None:  # no mask (or no transparency): the whole picture trains
-            w, h = examples[i].bucket
-            m = torch.ones(1, h // 8, w // 8)
+            m = torch.ones(1, *size)
         masks.append(m)
     return L.mask_weight(torch.stack(masks).to(device), s.cfg.data.unmasked_weight)
 
@@ -687,7 +686,8 @@ def _validation_loss(s: Session) -> float:
         pred = _predict(s, nsched.add_noise(latents, noise, t), t, emb, pooled, [ex] * k)
         target = nsched.get_velocity(latents, noise, t) if s.base.prediction_type == "v_prediction" else noise
         c = L.huber_c(t, tr, nsched) if tr.loss_type in ("huber", "smooth_l1") else None
-        weight = _mask_weights(s, [j] * k, [False] * k, device, cache=v.cache, examples=v.examples)
+        weight = _mask_weights(s, [j] * k, [False] * k, tuple(latents.shape[-2:]), device, cache=v.cache,
+                               examples=v.examples)
         total += float(L.per_example(L.elementwise_loss(pred, target, tr, c), weight,
                                      s.cfg.data.mask_normalize).mean())
     return total / len(v.examples)

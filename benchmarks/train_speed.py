@@ -4,9 +4,11 @@ Builds a full-size SD1.5-architecture pipeline with random weights (no download)
 folder, trains through trainer.train() at 256 px, batch 1, rank 16 with latents and text-encoder outputs
 cached, then times a bare loop (UNet forward + backward + AdamW on the same LoRA) on the same process.
 
-    python benchmarks/train_speed.py [--steps 12] [--resolution 256] [--keep DIR] [--train-te]
+    python benchmarks/train_speed.py [--steps 12] [--resolution 256] [--keep DIR] [--train-te] [--validation]
 
-Prints: ours s/step, raw s/step, ratio (goal <= 1.05), time to first step, peak RSS.
+Prints: ours s/step, raw s/step, ratio (goal <= 1.05), time to first step, peak RSS. With --validation, also the
+time of one validation evaluation (one held-out picture x train.validation_timesteps) and what measuring it
+every 100 steps adds to the run (goal <= 5%).
 """
 
 from __future__ import annotations
@@ -64,15 +66,16 @@ def make_images(folder: Path, n: int, res: int) -> None:
         (folder / f"{i}.txt").write_text(f"zxq style, picture {i}")
 
 
-def ours(model: Path, data: Path, out: Path, args) -> tuple[list[float], float]:
+def ours(model: Path, data: Path, out: Path, args, extra: tuple = ()) -> tuple[list[float], float, list[float]]:
     from trainer import config as C
     from trainer.train.recipe import train
-    cfg = C.load_config(None, [
+    cfg = C.load_config(None, [*extra, 
         f"model.base={model}", f"data.dir={data}", f"data.resolution={args.resolution}",
         f"data.min_bucket_px={args.resolution}", "lora.rank=16", "lora.alpha=16",
         f"lora.train_text_encoder={'true' if args.train_te else 'false'}", f"train.max_steps={args.steps}",
         "train.batch_size=1", "train.learning_rate=1e-4", f"output.dir={out}", "output.name=bench"])
     times: list[float] = []
+    validations: list[float] = []  # seconds from a step's event to its validation's event
     first = {}
     t0 = time.perf_counter()
 
@@ -80,8 +83,10 @@ def ours(model: Path, data: Path, out: Path, args) -> tuple[list[float], float]:
         if e.type == "step":
             first.setdefault("t", time.perf_counter() - t0)
             times.append(e.time)
+        elif e.type == "validation" and e.step < args.steps:
+            validations.append(e.time - times[-1])
     train(cfg, on_event=on_event, overwrite=True)
-    return [b - a for a, b in zip(times, times[1:])], first["t"]
+    return [b - a for a, b in zip(times, times[1:])], first["t"], validations
 
 
 def raw(model: Path, args) -> list[float]:
@@ -120,6 +125,7 @@ def main() -> None:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--keep", help="reuse/keep the generated model in this folder")
     ap.add_argument("--train-te", action="store_true", help="also train the text encoder (no TE-output cache)")
+    ap.add_argument("--validation", action="store_true", help="also time the validation loss (one held-out picture)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lorastudio-bench-"))
     model = Path(args.keep) if args.keep else tmp / "sd15-random"
@@ -128,7 +134,7 @@ def main() -> None:
         build_full_sd15(model)
         print(f"built full-size SD1.5-architecture model in {time.perf_counter() - t:.1f} s")
     make_images(tmp / "data", 4, args.resolution)
-    ours_dt, first = ours(model, tmp / "data", tmp / "out", args)
+    ours_dt, first, _ = ours(model, tmp / "data", tmp / "out", args)
     raw_dt = raw(model, args)
     warm = max(2, args.steps // 4)
     o = statistics.median(ours_dt[warm - 1:])
@@ -137,6 +143,13 @@ def main() -> None:
           f"text encoder {'trained' if args.train_te else 'frozen (outputs cached)'}, latents cached")
     print(f"ours: {o:.3f} s/step   raw UNet+LoRA step: {r:.3f} s/step   ratio: {o / r:.3f} (goal <= 1.05)")
     print(f"time to first step: {first:.1f} s   peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    if args.validation:
+        make_images(tmp / "val", 1, args.resolution)
+        _, _, val = ours(model, tmp / "data", tmp / "out-val", args,
+                         (f"data.validation_dir={tmp / 'val'}", f"train.validation_every_steps={max(1, args.steps // 3)}"))
+        v = statistics.median(val)
+        print(f"validation: {v:.3f} s per evaluation (1 picture x 4 timesteps) = {v / o:.2f} steps; "
+              f"every 100 steps it adds {100 * v / (100 * o):.1f}% (goal <= 5%)")
 
 
 if __name__ == "__main__":

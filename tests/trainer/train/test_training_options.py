@@ -29,6 +29,7 @@ def test_sd2_vpred_prodigy_locon_kohya_targets_checkpointing_accumulation(tiny_s
             "lora.conv_alpha": 1.0, "lora.text_encoder_targets": "attention_mlp", "model.clip_skip": 2,
             "output.also_diffusers": True, "output.tensorboard": True, "data.cache_latents_to_disk": True,
             "data.cache_dir": str(cache)}
+    over |= {"data.validation_split": 0.2, "train.validation_every_steps": 1}
     res = train(cfg_of(tiny_sd2_dir, image_folder, tmp_path / "o", steps=2, **over))
     with safe_open(str(res.lora_path), "pt") as f:
         keys = set(f.keys())
@@ -40,9 +41,17 @@ def test_sd2_vpred_prodigy_locon_kohya_targets_checkpointing_accumulation(tiny_s
     assert meta["ss_base_model_version"] == "sd_v2_v" and meta["modelspec.prediction_type"] == "v"
     assert meta["ss_clip_skip"] == "2"
     assert (res.run_dir / "diffusers" / "pytorch_lora_weights.safetensors").exists()
-    assert any((res.run_dir / "logs").rglob("events.out.tfevents*"))
+    logs = list((res.run_dir / "logs").rglob("events.out.tfevents*"))
+    assert logs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for log in logs:
+        acc = EventAccumulator(str(log))
+        acc.Reload()
+        tags |= set(acc.Tags().get("scalars", []))
+    assert {"loss", "validation_loss"} <= tags       # the validation curve is a TensorBoard scalar too
     cached = sorted(cache.glob("*.safetensors"))
-    assert len(cached) == 6
+    assert len(cached) == 5                          # one of the six pictures is held out for validation
     mtimes = [p.stat().st_mtime_ns for p in cached]
     # a second run with the same images and settings reuses the disk cache untouched
     train(cfg_of(tiny_sd2_dir, image_folder, tmp_path / "o2", steps=1, **over))

@@ -203,6 +203,9 @@ class TrainConfig:
                                 "only at the end and on stop).", min=0, max=10_000_000, label="Save every N steps")
     keep_checkpoints: int = opt(2, "Resumable checkpoints to keep (oldest are deleted).", min=1, max=1000,
                                 label="Save last N checkpoints")
+    sync_every_steps: int = opt(0, "Read the loss from the device every N steps (one host sync per read; progress, "
+                                "the loss plot and the divergence check follow it). 0 = 1 on CPU, 10 on a GPU.",
+                                min=0, max=1000, label="Loss read every N steps")
     validation_every_steps: int = opt(0, "Measure the validation loss every N steps, and at the end (0 = only at "
                                       "the end; needs data.validation_dir or data.validation_split).",
                                       min=0, max=10_000_000, label="Validate every N steps")

@@ -323,10 +323,11 @@ def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool
     """Train from state.step to max_steps; False when a stop was asked for (nothing saved yet)."""
     cfg, tr, acc = s.cfg, s.cfg.train, s.accelerator
     world, rank = acc.num_processes, acc.process_index
-    clock = _StepClock()
+    losses = _LossLog(s)
     while state.step < tr.max_steps:
-        # A stop seen by any process stops all of them at the same step.
-        if _any_process(acc, should_stop()):
+        # A stop seen by any process stops all of them at the same step (several processes: at a loss read).
+        if (world == 1 or not losses.pending) and _any_process(acc, should_stop()):
+            losses.flush()  # the steps done are reported before the stop's save
             return False
         # Randomness per step is a pure function of (seed, step, rank): a resumed run replays it exactly.
         seed = (tr.seed * 1_000_003 + state.step * world + rank) % (2**63)
@@ -350,17 +351,14 @@ def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool
         if s.ema is not None:
             s.ema.update()
         state.step += 1
-        # The step's one host sync: the mean loss over processes, which also catches divergence at once.
-        loss_val = acc.gather(loss_sum[None]).mean().item() / tr.gradient_accumulation_steps
-        if not math.isfinite(loss_val):
-            raise _diverged(s, state.step, f"loss became {loss_val}")
-        # Report: the Step event feeds the CLI bar, the GUI's plot and events.jsonl.
-        dt = clock.lap()
-        lr = s.scheduler.get_last_lr()[0]
-        s.emit(Step(step=state.step, max_steps=tr.max_steps, loss=loss_val, lr=lr, it_per_s=clock.rate,
-                    eta_s=dt * (tr.max_steps - state.step), epoch=state.epoch))
-        if cfg.output.tensorboard:
-            acc.log({"loss": loss_val, "lr": lr}, step=state.step)
+        # The loss stays on the device; it is read (one host sync, which also catches divergence) every
+        # sync_every_steps steps, and before anything that saves or reports.
+        losses.add(state, loss_sum)
+        validate = (s.validation is not None and tr.validation_every_steps
+                    and state.step % tr.validation_every_steps == 0)
+        saves = tr.save_every_steps and state.step % tr.save_every_steps == 0
+        if losses.due(state.step) or validate or saves or state.step >= tr.max_steps:
+            losses.flush()
         # Periodic validation, checkpoints and samples; those of the last step come with the final save.
         if state.step < tr.max_steps:
             if s.validation is not None and tr.validation_every_steps and state.step % tr.validation_every_steps == 0:
@@ -369,8 +367,41 @@ def _loop(s: Session, state: LoopState, should_stop: Callable[[], bool]) -> bool
                 _save(s, state, final=False)
             if _samples_due(cfg.sample, state.step, epochs_before, _epochs_done(state)):
                 _samples(s, state.step)
-        clock.restart()  # saving and sampling time is not step time
+        losses.clock.restart()  # saving and sampling time is not step time
     return True
+
+
+class _LossLog:
+    """Step losses kept on the device and read in one host sync every ``sync_every_steps`` steps, then reported
+    (the Step events feed the CLI bar, the GUI's plot and events.jsonl) and checked for divergence."""
+
+    def __init__(self, s: "Session"):
+        self.s, self.clock = s, _StepClock()
+        every = s.cfg.train.sync_every_steps
+        self.every = every or (1 if s.accelerator.device.type == "cpu" else 10)
+        self.pending: list[tuple[int, int, float, float, torch.Tensor]] = []  # step, epoch, lr, s/step, loss
+
+    def add(self, state: "LoopState", loss_sum: torch.Tensor) -> None:
+        dt = self.clock.lap()
+        self.pending.append((state.step, state.epoch, self.s.scheduler.get_last_lr()[0], dt, loss_sum))
+
+    def due(self, step: int) -> bool:
+        return len(self.pending) >= self.every
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        s, tr = self.s, self.s.cfg.train
+        stacked = torch.stack([p[4] for p in self.pending])[None]
+        values = (s.accelerator.gather(stacked).mean(dim=0) / tr.gradient_accumulation_steps).tolist()
+        pending, self.pending = self.pending, []
+        for (step, epoch, lr, dt, _), loss in zip(pending, values):
+            if not math.isfinite(loss):
+                raise _diverged(s, step, f"loss became {loss}")
+            s.emit(Step(step=step, max_steps=tr.max_steps, loss=loss, lr=lr, it_per_s=1.0 / dt if dt else 0.0,
+                        eta_s=dt * (tr.max_steps - step), epoch=epoch))
+            if s.cfg.output.tensorboard:
+                s.accelerator.log({"loss": loss, "lr": lr}, step=step)
 
 
 class _StepClock:
@@ -646,7 +677,7 @@ def _save(s: Session, state: LoopState, *, final: bool) -> Path:
     from trainer.lora.io import save_diffusers_lora
     cfg, step = s.cfg, state.step
     # Never save NaN/inf weights: the last good checkpoint stays the newest.
-    if not all(torch.isfinite(p).all() for p in s.params):
+    if not bool(torch.stack([torch.isfinite(p).all() for p in s.params]).all()):
         raise _diverged(s, step, "LoRA weights became non-finite")
     name = f"{cfg.output.name}.safetensors" if final else f"{cfg.output.name}-step{step:08d}.safetensors"
     lora_path = s.run_dir / name

@@ -72,3 +72,48 @@ def test_stop_while_caching_latents_ends_at_once_without_files(tiny_sd1_dir, ima
     events = read_events(res.run_dir / "events.jsonl")
     assert [e["status"] for e in events if e["type"] == "run_ended"] == ["stopped"]
     assert not any(e["type"] == "run_started" for e in events)
+
+
+def test_the_loop_reads_the_loss_from_the_device_once_per_sync_interval(tiny_sd1_dir, image_folder, tmp_path,
+                                                                       monkeypatch):
+    """On a GPU every .item()/.tolist()/float() of a device tensor waits for the queue; the loop may read device
+    values only every train.sync_every_steps steps. Counted on CPU through wrappers on the Tensor methods,
+    for calls made by our own code (trainer/) between the first step and the final save."""
+    import sys
+
+    import torch
+    trainer_dir = str(Path(recipe.__file__).resolve().parents[1])
+    seen = {"n": 0, "on": False, "where": []}
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, **k):
+            caller = sys._getframe(1).f_code
+            if seen["on"] and caller.co_filename.startswith(trainer_dir):
+                seen["n"] += 1
+                seen["where"].append(f"{name} in {caller.co_name}")
+            return real(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    real_save = recipe._save
+
+    def save(*a, **k):
+        seen["on"] = False
+        return real_save(*a, **k)
+    monkeypatch.setattr(recipe, "_save", save)
+    steps = []
+
+    def on_event(e):
+        if e.type == "run_started":
+            seen["on"] = True
+        if e.type == "step":
+            steps.append(e.step)
+
+    cfg = C.load_config(None, tiny_overrides(tiny_sd1_dir, image_folder, tmp_path / "o", steps=10,
+                                             **{"train.sync_every_steps": 5}))
+    train(cfg, on_event=on_event)
+    assert steps == list(range(1, 11))                 # every step still reported, in order
+    assert seen["n"] == 2, seen["where"]               # two reads for ten steps

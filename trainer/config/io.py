@@ -15,6 +15,7 @@ from typing import Any
 from trainer.config.schema import (FIELDS, MAX_PRESET_BYTES, PRESET_VERSION, SECTIONS, Config, _suggest,
                                    check_value, parse_value)
 from trainer.errors import UserError
+from trainer.lora.kinds import check_adapter_options
 
 
 def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
@@ -113,6 +114,7 @@ def validate_for_training(cfg: Config) -> None:
                         field="train.keep_best")
     from trainer.generate.prompt_syntax import parse_sample_prompts
     parse_sample_prompts(cfg.sample.prompts)  # a bad --w/--s/... option fails here, before anything runs
+    check_adapter_options(cfg.lora, cfg.output)
     name = cfg.output.name
     if not name or any(c in name for c in '/\\:*?"<>|') or name in (".", ".."):
         raise UserError(f"output.name {name!r} is not a valid file name", field="output.name")

@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 
 from trainer.lora.keymap import TE_COMPONENTS
+from trainer.lora.kinds import check_adapter_options
 
 UNET_ATTENTION_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                           "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
@@ -131,26 +132,6 @@ def conv_rank_of(lora_cfg) -> int:
 
 def conv_alpha_of(lora_cfg) -> float:
     return lora_cfg.conv_alpha or conv_rank_of(lora_cfg)
-
-
-def check_adapter_options(lora_cfg) -> None:
-    """Options that the chosen adapter type cannot use are refused before anything loads (one line each)."""
-    from trainer.errors import UserError
-    kind = getattr(lora_cfg, "type", "lora")
-    lycoris = kind in ("loha", "lokr")
-    if lycoris and lora_cfg.dropout > 0:
-        raise UserError(f"lora.dropout: {kind} has no input dropout (peft's {kind} tuner); use lora.rank_dropout "
-                        "or lora.module_dropout", field="lora.dropout")
-    for name in ("rank_dropout", "module_dropout"):
-        if not lycoris and getattr(lora_cfg, name, 0.0) > 0:
-            raise UserError(f"lora.{name}: only loha and lokr have it (peft's LoRA tuner has no {name}); "
-                            f"use lora.dropout", field=f"lora.{name}")
-    if kind != "lokr":
-        for name in ("lokr_full_matrix", "lokr_decompose_both"):
-            if getattr(lora_cfg, name, False):
-                raise UserError(f"lora.{name}: only for lora.type = lokr", field=f"lora.{name}")
-    if not lycoris and getattr(lora_cfg, "use_tucker", False):
-        raise UserError("lora.use_tucker: only for lora.type = loha or lokr", field="lora.use_tucker")
 
 
 def _peft_config(targets: list[str], conv_targets: list[str], lora_cfg, shapes: dict | None = None):

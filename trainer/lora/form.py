@@ -123,7 +123,7 @@ class LoraModule:
             else:
                 w1 = f["hada_w1_a"] @ f["hada_w1_b"]
                 w2 = f["hada_w2_a"] @ f["hada_w2_b"]
-            return w1 * w2
+            return w1.mul_(w2)  # in place: no third full-size temporary
         w1 = self._lokr_w1()
         if "lokr_w2" in f:
             w2 = f["lokr_w2"]
@@ -147,10 +147,11 @@ class LoraModule:
         W1 = dora_scale * (W + ΔW) / ||W + ΔW|| (norm per input column, or per output row for a row-form scale),
         the update is m * (W1 - W), the way A1111 and ComfyUI apply a strength to a DoRA module.
         """
-        w = self._raw() * self.scale
+        w = self._raw()
         if self.dora_scale is None:
-            w = w * multiplier
+            w = w.mul_(self.scale * multiplier) if w.is_contiguous() else w * (self.scale * multiplier)
             return w.reshape(shape) if shape is not None else w
+        w = w * self.scale
         if base_weight is None:
             raise UserError(f"{self.keys[0] if self.keys else 'a module'}: a DoRA module's update depends on the "
                             "base weight; give base_weight")

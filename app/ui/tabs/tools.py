@@ -95,12 +95,17 @@ def whole(value, flag: str) -> int | None:
     return int(v)
 
 
+def typical_dynamic_value(mode: str) -> float:
+    """What the value box shows when a rule is picked: 90 % of the norm, or a ratio of 20 (kohya's examples)."""
+    return 20.0 if mode == "sv_ratio" else 0.9
+
+
 def dynamic_text(mode, value) -> str | None:
     """``MODE=VALUE`` for ``--dynamic`` from the menu and its box, or None when off."""
     if not mode or mode == DYNAMIC_OFF:
         return None
     if value is None or str(value).strip() == "":
-        raise UserError(f"--dynamic: give a value for {mode} (e.g. {mode}={'20' if mode == 'sv_ratio' else '0.9'})")
+        raise UserError(f"--dynamic: give a value for {mode} (e.g. {mode}={typical_dynamic_value(mode):g})")
     return f"{mode}={float(value):g}"
 
 
@@ -283,8 +288,11 @@ def _dynamic(reg: Registry, prefix: str):
         choices=list(DYNAMIC_CHOICES), value=DYNAMIC_OFF, label="Dynamic rank · --dynamic",
         info="sv_fro: share of the Frobenius norm kept; sv_cumulative: of the sum of singular values; sv_ratio: "
              "largest / smallest kept. The rank then caps it.", elem_id=f"t-{prefix}-dynamic"))
-    value = reg.add(f"tools.{prefix}.dynamic_value", gr.Number(value=None, label="its value",
+    value = reg.add(f"tools.{prefix}.dynamic_value", gr.Number(value=None, label="Dynamic value",
+                                                               info="set to a typical value when a rule is picked",
                                                                elem_id=f"t-{prefix}-dynamic-value"))
+    mode.change(lambda m: gr.skip() if m == DYNAMIC_OFF else typical_dynamic_value(m), [mode], [value],
+                show_progress="hidden", queue=False)
     return mode, value
 
 

@@ -107,6 +107,9 @@ class DataConfig:
                                       "settings, so the next run skips encoding.", label="Cache latents to disk")
     cache_dir: str = opt("", "Folder for the on-disk latent cache (default: <data.dir>/.lorastudio_cache).",
                          path=True, label="Latent cache folder")
+    cache_batch_size: int = opt(1, "Pictures of one bucket the VAE encodes at once while caching latents (kohya's "
+                                "vae_batch_size); more is faster and needs more memory.", min=1, max=64,
+                                label="VAE batch size (caching)")
     mask_dir: str = opt("", "Masked loss: a folder of masks with the images' file stems (white = train, black = "
                         "ignore, grey = a weight in between), each the size of its image. Images without a mask "
                         "train everywhere.", path=True,

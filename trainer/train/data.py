@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -308,6 +309,7 @@ class LatentCache:
         self.mem: dict[tuple[int, bool], torch.Tensor] = {}
         self.masks: dict[tuple[int, bool], torch.Tensor] = {}  # on the latent grid, cached with the latents
         self._fp = vae_fingerprint(vae) if disk_dir else ""
+        self.encoded = 0  # latents this process encoded (the rest came from the disk cache)
 
     def _key(self, i: int, flip: bool) -> str:
         ex = self.data.examples[i]
@@ -320,51 +322,81 @@ class LatentCache:
         return dist.mean.float()  # the mode: deterministic, as kohya's cache effectively is at small std
 
     def build(self, indices: list[int], progress: Callable[[int, int], bool | None],
-              skip: Callable[[int, str], None]) -> bool:
-        """Encode every (example, flip) once; examples that fail to decode are reported through skip().
+              skip: Callable[[int, str], None], batch_size: int = 1) -> bool:
+        """Encode every (example, flip) once, in batches of up to batch_size pictures of one bucket; entries of
+        the disk cache are read instead. Examples that fail to decode are reported through skip().
 
-        ``progress(done, total)`` runs after each one; when it returns False the build stops there and
+        ``progress(done, total)`` runs after each batch; when it returns False the build stops there and
         returns False (a Stop pressed while caching). Returns True when every latent is in the cache.
         """
-        todo = [(i, f) for i in indices for f in self.flips]
-        for n, (i, f) in enumerate(todo):
-            self._build_one(i, f, skip)
-            if progress(n + 1, len(todo)) is False:
-                return False
+        todo = [(i, f) for i in indices for f in self.flips if (i, f) not in self.mem]
+        done, misses = 0, []
+        for i, f in todo:
+            if self._from_disk(i, f):
+                done += 1
+                if progress(done, len(todo)) is False:
+                    return False
+            else:
+                misses.append((i, f))
+        by_bucket: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+        for i, f in misses:
+            by_bucket.setdefault(self.data.examples[i].bucket, []).append((i, f))
+        for group in by_bucket.values():
+            for k in range(0, len(group), max(1, batch_size)):
+                chunk = group[k:k + max(1, batch_size)]
+                self._encode_batch(chunk, skip)
+                done += len(chunk)
+                if progress(done, len(todo)) is False:
+                    return False
         return True
 
-    def _build_one(self, i: int, f: bool, skip: Callable[[int, str], None]) -> None:
-        self._encode_one(i, f, skip)
+    def _disk_path(self, i: int, f: bool) -> Path | None:
+        return self.disk_dir / f"{self._key(i, f)}.safetensors" if self.disk_dir is not None else None
+
+    def _from_disk(self, i: int, f: bool) -> bool:
+        from safetensors.torch import load_file
+        path = self._disk_path(i, f)
+        if path is None or not path.exists():
+            return False
+        try:
+            self._store(i, f, load_file(str(path))["latent"])
+            return True
+        except Exception:  # a damaged cache entry is just re-made
+            path.unlink(missing_ok=True)
+            return False
+
+    def _encode_batch(self, chunk: list[tuple[int, bool]], skip: Callable[[int, str], None]) -> None:
+        from safetensors.torch import save_file
+        pixels, ok = [], []
+        for i, f in chunk:
+            try:
+                pixels.append(load_pixels(self.data.examples[i], f))
+                ok.append((i, f))
+            except ImageError as e:
+                msg = str(e)
+                prefix = f"{self.data.examples[i].path}: "
+                skip(i, msg[len(prefix):] if msg.startswith(prefix) else msg)
+        if not ok:
+            return
+        lats = self.encode(torch.stack(pixels)).cpu()
+        self.encoded += len(ok)
+        for (i, f), lat in zip(ok, lats):
+            lat = lat.clone()
+            self._store(i, f, lat)
+            path = self._disk_path(i, f)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # several processes may share the folder
+                save_file({"latent": lat.contiguous()}, str(tmp))
+                tmp.replace(path)
+
+    def _store(self, i: int, f: bool, lat: torch.Tensor) -> None:
+        self.mem[(i, f)] = lat
         ex = self.data.examples[i]
-        if ex.masked and (i, f) in self.mem:
-            mask = load_mask(ex, f, tuple(self.mem[(i, f)].shape[-2:]))
+        if ex.masked:
+            mask = load_mask(ex, f, tuple(lat.shape[-2:]))
             if mask is not None:
                 self.masks[(i, f)] = mask
-
-    def _encode_one(self, i: int, f: bool, skip: Callable[[int, str], None]) -> None:
-        from safetensors.torch import load_file, save_file
-        path = None
-        if self.disk_dir is not None:
-            path = self.disk_dir / f"{self._key(i, f)}.safetensors"
-            if path.exists():
-                try:
-                    self.mem[(i, f)] = load_file(str(path))["latent"]
-                    return
-                except Exception:  # a damaged cache entry is just re-made
-                    path.unlink(missing_ok=True)
-        try:
-            lat = self.encode(load_pixels(self.data.examples[i], f)[None])[0].cpu()
-        except ImageError as e:
-            msg = str(e)
-            prefix = f"{self.data.examples[i].path}: "
-            skip(i, msg[len(prefix):] if msg.startswith(prefix) else msg)
-            return
-        self.mem[(i, f)] = lat
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({"latent": lat.contiguous()}, str(tmp))
-            tmp.replace(path)
 
     def get_mask(self, i: int, flip: bool) -> torch.Tensor | None:
         return self.masks.get((i, flip))

@@ -473,15 +473,26 @@ def _encode_images(cfg: C.Config, data: TrainData, base, accelerator, emit, stop
         return not stop_requested()  # Stop while caching: nothing trained yet
 
     cache = None
+    world = accelerator.num_processes
     if cfg.data.cache_latents:
         disk = None
-        if cfg.data.cache_latents_to_disk:
+        # Several processes share the work through the disk cache: each encodes its own share and writes it,
+        # then reads the others'. So a run on N GPUs encodes every picture once, not N times.
+        if cfg.data.cache_latents_to_disk or world > 1:
             disk = Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(cfg.data.dir) / ".lorastudio_cache"
         cache = LatentCache(data, base.vae, device=accelerator.device, dtype=_weight_dtype(cfg), disk_dir=disk,
                             flip=cfg.data.flip)
-        with accelerator.main_process_first():
-            if not cache.build(list(range(len(data.examples))), progress, skip):
-                return cache, False
+        everything = list(range(len(data.examples)))
+        mine = everything[accelerator.process_index::world]
+        if not cache.build(mine, progress, skip, batch_size=cfg.data.cache_batch_size):
+            return cache, False
+        if world > 1:
+            accelerator.wait_for_everyone()
+            cache.build(everything, lambda d, t: True, skip, batch_size=cfg.data.cache_batch_size)
+        encoded = accelerator.gather(torch.tensor([cache.encoded], device=accelerator.device)).tolist()
+        emit(Log(message=f"latents: {sum(encoded)} encoded" + (f" by {world} processes ({' + '.join(map(str, encoded))})"
+                                                              if world > 1 else "")
+                 + f", {len(cache.mem) - sum(encoded)} read from the disk cache"))
     else:
         from datasets_tools.images import load_rgb
         for i, ex in enumerate(data.examples):  # still check every image decodes before step 1

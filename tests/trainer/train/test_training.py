@@ -173,16 +173,25 @@ def test_sigint_saves_checkpoint_and_exits_zero_then_sigkill_resume_matches(tiny
 def test_two_processes_with_accelerate_write_one_lora(tiny_sd1_dir, image_folder, tmp_path):
     cfgfile = _write_config(tmp_path / "cfg.toml", tiny_overrides(tiny_sd1_dir, image_folder, tmp_path / "o", steps=2,
                                                                    **{"train.batch_size": 1}))
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "trainer", "--config", str(cfgfile)],
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's CPU multi-process path needs
+    # MPI); torchrun with ACCELERATE_USE_CPU=1 gives accelerate two gloo processes (DistributedType.MULTI_CPU).
+    import socket
+    with socket.socket() as sock:  # a free port for the two processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "trainer", "--config", str(cfgfile)],
                        capture_output=True, text=True, cwd=ROOT, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     files = list((tmp_path / "o" / "run").glob("*.safetensors"))
     assert [f.name for f in files] == ["run.safetensors"]
-    ended = [e for e in read_events(tmp_path / "o" / "run" / "events.jsonl") if e["type"] == "run_ended"]
+    events = read_events(tmp_path / "o" / "run" / "events.jsonl")
+    ended = [e for e in events if e["type"] == "run_ended"]
     assert len(ended) == 1 and ended[0]["status"] == "completed"
+    # each process encoded its share of the six pictures and read the other's from the shared disk cache
+    logs = [e["message"] for e in events if e["type"] == "log" and e["message"].startswith("latents:")]
+    assert logs == ["latents: 6 encoded by 2 processes (3 + 3), 0 read from the disk cache"], logs
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -281,8 +282,7 @@ def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, re
     if not (complete and val_complete):
         return _stopped_before_training(run_dir, emit)
     texts = _text_conditioning(cfg, data, base, accelerator.device, validation)
-    if cache is not None and not (_sampling_on(cfg) and cfg.sample.prompts):
-        base.vae.to("cpu")  # latents are cached and nothing samples: the VAE is not needed on the device
+    _release_cached_away(cfg, base, cache, validation, texts, emit)
     optimizer, scheduler = _optimization(cfg, handles)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = Ema(params, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
@@ -561,6 +561,35 @@ def _text_conditioning(cfg: C.Config, data: TrainData, base, device, validation=
         for te in base.text_encoders:  # no longer needed on the device; sampling moves them back
             te.to("cpu")
     return texts
+
+
+def _release_cached_away(cfg: C.Config, base, cache, validation, texts, emit) -> None:
+    """What the caches made unnecessary leaves the device: the VAE once every latent is cached, the frozen text
+    encoders once every caption's embedding is. On a CPU, where leaving the device frees nothing, they are
+    dropped (sampling keeps both: it needs them)."""
+    if _sampling_on(cfg) and cfg.sample.prompts:
+        return
+    vae_done = cache is not None
+    tes_done = texts.cache is not None and not cfg.lora.train_text_encoder
+    if vae_done:
+        base.vae.to("cpu")
+    if base.unet.device.type != "cpu":
+        return  # on a GPU they wait in host memory
+    dropped = []
+    if vae_done:
+        # the latents' scaling is all the loss still reads of the VAE
+        base.vae = SimpleNamespace(config=base.vae.config, dtype=base.vae.dtype)
+        for c in (cache, validation.cache if validation is not None else None):
+            if c is not None:
+                c.vae = None
+        dropped.append("the VAE")
+    if tes_done and base.text_encoders:
+        base.text_encoders = []
+        dropped.append("the text encoder(s)")
+    if dropped:
+        import gc
+        gc.collect()
+        emit(Log(message=f"{' and '.join(dropped)} freed: their outputs are cached"))
 
 
 def _optimization(cfg: C.Config, handles):

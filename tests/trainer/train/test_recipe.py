@@ -117,3 +117,16 @@ def test_the_loop_reads_the_loss_from_the_device_once_per_sync_interval(tiny_sd1
     train(cfg, on_event=on_event)
     assert steps == list(range(1, 11))                 # every step still reported, in order
     assert seen["n"] == 2, seen["where"]               # two reads for ten steps
+
+
+def test_cached_away_parts_are_freed_on_cpu_and_training_still_validates(tiny_sd1_dir, image_folder, tmp_path):
+    """Latents and frozen-encoder outputs cached, nothing samples: the VAE and the text encoder are dropped after
+    set-up, and the loss and the validation loss still come out (they read only the caches)."""
+    seen = []
+    cfg = C.load_config(None, tiny_overrides(tiny_sd1_dir, image_folder, tmp_path / "o", steps=2, **{
+        "lora.train_text_encoder": "false", "data.validation_split": 0.2}))
+    res = train(cfg, on_event=seen.append)
+    assert res.status == "completed"
+    logs = [e.message for e in seen if e.type == "log"]
+    assert "the VAE and the text encoder(s) freed: their outputs are cached" in logs
+    assert [e.type for e in seen].count("validation") == 1

@@ -31,8 +31,8 @@ VALIDATE_EVERY = 50
 
 
 def make_masked_set(folder: Path, n: int = 30, seed: int = 1, trigger: str = "vbn style") -> Path:
-    """Outline-on-the-shape pictures on paper, captioned with the trigger, and masks/<stem>.png covering the
-    shape and its outline (what the masked loss trains)."""
+    """Outline-on-the-shape pictures on paper, captioned with the trigger, and <folder>-masks/<stem>.png covering
+    exactly the shape and its outline (what the masked loss trains)."""
     folder.mkdir(parents=True, exist_ok=True)
     masks = folder.parent / (folder.name + "-masks")
     masks.mkdir(exist_ok=True)
@@ -43,7 +43,7 @@ def make_masked_set(folder: Path, n: int = 30, seed: int = 1, trigger: str = "vb
         d = tw.sample_drawing(rng, c, s)
         tw.render(d, "outline+paper", rng).save(folder / f"{i:05d}.png")
         shape = tw.shape_mask(np.asarray(tw.render(d, None)))
-        cover = tw._grow(shape, tw.OUTLINE_WIDTH + 2)
+        cover = tw._grow(shape, tw.OUTLINE_WIDTH)
         Image.fromarray((cover * 255).astype(np.uint8), "L").save(masks / f"{i:05d}.png")
         text = tw.add_trigger(tw.caption(d, rng), trigger)
         (folder / f"{i:05d}.txt").write_text(text + "\n", encoding="utf-8")
@@ -68,7 +68,15 @@ def _score(ev, lora: Path | None, style: str, trigger: str, n: int, stats=None) 
     return {"with_trigger": on.row(), "without_trigger": off.row()}
 
 
-def masked(work: Path, ev, n: int, threads: int, steps: int) -> dict:
+def _train(tl, data, work: Path, name: str, reuse: bool, **kw) -> Path:
+    lora = work / "runs" / name / f"{name}.safetensors"
+    if reuse and lora.is_file():
+        print(f"{name}: reusing {lora}", flush=True)
+        return lora
+    return tl.train_style_lora(data, work / "runs", name, **kw)
+
+
+def masked(work: Path, ev, n: int, threads: int, steps: int, reuse: bool = False) -> dict:
     from benchmarks.toyworld import harness as tl
     data = work / "outline-paper"
     masks = make_masked_set(data) if not data.is_dir() else data.parent / (data.name + "-masks")
@@ -79,15 +87,16 @@ def masked(work: Path, ev, n: int, threads: int, steps: int) -> dict:
     rows = {"base": base}
     for name, extra in (("with_masks", {"data.mask_dir": str(masks)}), ("without_masks", {})):
         t = time.time()
-        lora = tl.train_style_lora(data, work / "runs", f"masked-{name}", reg_dir=reg, threads=threads,
-                                   overrides={**extra, **({"train.max_steps": steps} if steps else {})})
+        lora = _train(tl, data, work, f"masked-{name}", reuse, reg_dir=reg, threads=threads,
+                      overrides={**extra, **({"train.max_steps": steps} if steps else {})})
         rows[name] = {**_score(ev, lora, "outline", "vbn style", n, stats=("outline", "paper")),
                       "train_s": round(time.time() - t)}
         print(json.dumps({name: rows[name]}), flush=True)
     return rows
 
 
-def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, extra: dict) -> dict:
+def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, extra: dict,
+                reuse: bool = False) -> dict:
     from benchmarks.toyworld import harness as tl
     data, reg = work / "shadow", work / "reg"
     if not data.is_dir():
@@ -98,7 +107,20 @@ def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, ext
     if steps:
         sets["train.max_steps"] = steps
     t = time.time()
-    lora = tl.train_style_lora(data, work / "runs", name, reg_dir=reg, overrides=sets, threads=threads)
+    ended = [e for e in _events(work / "runs" / name) if e["type"] == "run_ended"] if reuse else []
+    if ended and "diverged" in ended[-1].get("error", ""):
+        row = {"diverged": ended[-1]["error"].split(";")[0], "curve": _curve(work / "runs" / name)}
+        print(json.dumps({name: row}), flush=True)
+        return row
+    try:
+        lora = _train(tl, data, work, name, reuse, reg_dir=reg, overrides=sets, threads=threads)
+    except RuntimeError as e:
+        if "diverged" not in str(e):
+            raise
+        line = next(ln for ln in str(e).splitlines()[::-1] if "diverged" in ln)
+        row = {"diverged": line.split("error: ", 1)[-1].split(";")[0], "curve": _curve(work / "runs" / name)}
+        print(json.dumps({name: row}), flush=True)
+        return row
     row = {**_score(ev, lora, "shadow", "zxq style", n), "train_s": round(time.time() - t),
            "curve": _curve(lora.parent)}
     print(json.dumps({name: row}), flush=True)
@@ -122,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="override the preset's max_steps (0 = keep)")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--markdown", default="", help="write the tables here")
+    ap.add_argument("--reuse", action="store_true", help="score LoRAs already trained in --work instead of training")
     args = ap.parse_args(argv)
     from benchmarks.toyworld.harness import Evaluator
     work = Path(args.work)
@@ -130,18 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     only = [x for x in args.only.split(",") if x]
     res: dict = {}
     if "masked" in only:
-        res["masked"] = masked(work, ev, args.n, args.threads, args.steps)
+        res["masked"] = masked(work, ev, args.n, args.threads, args.steps, args.reuse)
     if "validation" in only or "ema" in only:
-        plain = _shadow_run(work, ev, args.n, args.threads, args.steps, "val-plain", {})
+        plain = _shadow_run(work, ev, args.n, args.threads, args.steps, "val-plain", {}, args.reuse)
         res["validation"] = {"plain": plain}
         if "validation" in only:
             from trainer.config import load_config
             lr = load_config(str(REPO / "presets" / "toyworld-style.toml")).train.learning_rate
             res["validation"]["lr_x10"] = _shadow_run(work, ev, args.n, args.threads, args.steps, "val-lr10",
-                                                      {"train.learning_rate": lr * 10})
+                                                      {"train.learning_rate": lr * 10}, args.reuse)
         if "ema" in only:
             res["ema"] = {"plain": plain, "ema": _shadow_run(work, ev, args.n, args.threads, args.steps, "val-ema",
-                                                             {"train.ema_decay": 0.99})}
+                                                             {"train.ema_decay": 0.99}, args.reuse)}
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
     text = render(res)
@@ -178,8 +201,9 @@ def render(res: dict) -> str:
                 "| run | first | lowest (step) | last | last - lowest | shadow, trigger |", "|---|---|---|---|---|---|"]
         for name, r in v.items():
             s = curve_summary(r["curve"])
+            style = r["with_trigger"]["shadow_stat"] if "with_trigger" in r else r["diverged"]
             out.append(f"| {name} | {s['first']:.5f} | {s['min']:.5f} ({s['min_step']}) | {s['last']:.5f} | "
-                       f"{s['rise_after_min']:+.5f} | {r['with_trigger']['shadow_stat']} |")
+                       f"{s['rise_after_min']:+.5f} | {style} |")
         out.append("")
     if "ema" in res:
         e = res["ema"]

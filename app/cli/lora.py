@@ -92,6 +92,8 @@ def summary(result, path: str | None = None) -> str:
     ranks = Counter(m.rank_out for m in result.modules)
     rank_text = ", ".join(f"rank {r}: {n}" for r, n in sorted(ranks.items(), reverse=True))
     left = f", {len(result.left_out)} layers left out (below the threshold)" if result.left_out else ""
+    if getattr(result, "converted", None):
+        left += f", {len(result.converted)} LoHa/LoKr modules written as plain LoRA"
     return (f"wrote {path or w.path} ({w.num_modules} modules, {w.size_text}; {rank_text}{left}); "
             f"the whole file keeps {result.kept:.2%} of the Frobenius norm")
 

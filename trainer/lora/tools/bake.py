@@ -227,8 +227,9 @@ def _fuse(plan: dict, progress: Progress | None) -> None:
     """W = W0 + sum m * ΔW per layer, in fp32, written back in the layer's dtype (in place for fp32).
 
     A plain LoRA adds m * alpha/rank * up @ down with one ``addmm_`` (no full-size temporary; ``dyn`` keeps its
-    first ranks at the file's scale, as the generator does); a module with a Tucker core adds
-    ``LoraModule.delta``.
+    first ranks at the file's scale, as the generator does); a Tucker, LoHa or LoKr module adds
+    ``LoraModule.delta``; a DoRA module's delta is taken against the layer's original weight W0 (before any LoRA
+    of this bake), as the generator fuses it, so only layers with a DoRA module keep an fp32 copy of W0.
     """
     import torch
 
@@ -236,20 +237,24 @@ def _fuse(plan: dict, progress: Progress | None) -> None:
     with torch.no_grad():
         for i, (layer, items) in enumerate(plan.items()):
             w = layer.weight
+            w0 = (w.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+                  if any(lm.dora_scale is not None for _, lm, _ in items) else None)
             in_place = w.dtype == torch.float32 and w.is_contiguous()
             acc = w.data if in_place else w.detach().to(torch.float32, memory_format=torch.contiguous_format)
             flat = acc.view(acc.shape[0], -1)
             for m, lm, dyn in items:
-                if lm.mid is None:
+                if lm.is_plain:
                     r = lm.rank if dyn is None else min(dyn, lm.rank)
                     up = lm.up.reshape(lm.up.shape[0], -1)[:, :r].to(flat.device)
                     down = lm.down.reshape(lm.rank, -1)[:r].to(flat.device)
                     flat.addmm_(up, down, alpha=m * lm.scale)
-                else:
+                elif lm.dora_scale is not None:
+                    flat.add_(lm.delta(m, base_weight=w0).reshape(flat.shape).to(flat.device))
+                else:  # Tucker core, LoHa, LoKr: the module computes the full update (dyn is LoRA's only)
                     flat.add_(lm.delta(m, flat.shape).to(flat.device))
             if not in_place:
                 w.data.copy_(acc)  # one rounding, fp32 -> the layer's dtype
-            del acc, flat
+            del acc, flat, w0
             _step(progress, "fusing", i + 1, total)
 
 

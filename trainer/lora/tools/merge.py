@@ -9,10 +9,10 @@ from typing import Callable
 from trainer.errors import UserError
 from trainer.lora.io import FAMILY_LABELS, read_lora
 from trainer.lora.tools.resize import check_layer_rank
-from trainer.lora.tools.svd import (Dynamic, check_rank, choose_rank, energy, low_rank, pair_energy, pair_to_module,
-                                    same_layer, stack, svd_of_pair, to_module)
-from trainer.lora.tools.write import (BASE_KEYS, ModuleReport, ToolResult, check_output, family_of, source_record,
-                                      tool_metadata, write_lora)
+from trainer.lora.tools.svd import (Dynamic, check_rank, choose_rank, energy, low_rank_of, pair_energy,
+                                    pair_to_module, refuse_dora, same_layer, stack, svd_of_pair, to_module)
+from trainer.lora.tools.write import (BASE_KEYS, ModuleReport, ToolResult, check_output, converted_note, family_of,
+                                      source_record, tool_metadata, write_lora)
 
 
 def parse_source(text: str) -> tuple[str, float]:
@@ -34,6 +34,10 @@ def merge_loras(sources: list[tuple[str | Path, float]], out: str | Path, *, ran
     SVD mode: per module, Σ w_i ΔW_i factored exactly and cut to ``rank`` (or what ``dynamic`` picks); at the
     summed rank it is exact. ``concat``: the factors stacked (down = the downs, up = the ups times w_i·alpha_i/r_i),
     always exact. A module in only some files is merged from those. Output alpha = rank (scale 1).
+
+    A LoHa or LoKr module enters as its full delta's SVD (exact to rounding; the output is a plain LoRA,
+    ``ToolResult.converted`` and metadata ``lorastudio_converted`` say which); a DoRA module is refused with one
+    line (its delta needs the base weight).
     """
     if not sources:
         raise UserError("merge: give at least one LoRA file")
@@ -45,6 +49,9 @@ def merge_loras(sources: list[tuple[str | Path, float]], out: str | Path, *, ran
             raise UserError("merge: give --rank R (or --dynamic MODE=VALUE), or --concat")
     out = check_output(out, overwrite=overwrite)
     files = [(read_lora(p), float(w)) for p, w in sources]
+    for lf, _ in files:  # refused before any SVD
+        for key, mod in lf.modules.items():
+            refuse_dora(mod, key, lf.path, "merge")
 
     families = {}
     for lf, _ in files:
@@ -60,14 +67,18 @@ def merge_loras(sources: list[tuple[str | Path, float]], out: str | Path, *, ran
     keys: dict[str, None] = {}
     for lf, _ in files:
         keys.update(dict.fromkeys(lf.modules))
-    modules, reports = {}, []
+    modules, reports, converted, labels = {}, [], [], []
     for i, key in enumerate(keys):
         parts, owners = [], []
         for lf, w in files:
             mod = lf.modules.get(key)
             if mod is None:
                 continue
-            lr = low_rank(mod, w)
+            lr = low_rank_of(mod, w, key=key, source=lf.path, tool="merge")
+            if mod.kind != "lora":
+                labels.append(mod.label)
+                if key not in converted:
+                    converted.append(key)
             if parts and not same_layer(parts[0], lr):
                 raise UserError(f"module {key}: {owners[0].path.name} patches a "
                                 f"{'x'.join(map(str, parts[0].weight_shape))} layer, {lf.path.name} a "
@@ -94,7 +105,8 @@ def merge_loras(sources: list[tuple[str | Path, float]], out: str | Path, *, ran
     md = tool_metadata("merge", modules, sources=[source_record(lf, weight=w) for lf, w in files],
                        inherited=inherited, title=out.stem, family=family,
                        args={"mode": "concat" if concat else "svd", "rank": rank,
-                             "dynamic": str(dynamic) if dynamic else None, "precision": save_precision})
+                             "dynamic": str(dynamic) if dynamic else None, "precision": save_precision},
+                       converted=converted_note(labels))
     written = write_lora(out, modules, family=family, metadata=md, save_precision=save_precision,
                          overwrite=overwrite)
-    return ToolResult(written, reports)
+    return ToolResult(written, reports, converted=converted)

@@ -102,6 +102,36 @@ def low_rank(mod: LoraModule, weight: float = 1.0) -> LowRank:
     return LowRank(a, mod.down.float().reshape(r, -1), kernel)
 
 
+def refuse_dora(mod: LoraModule, key: str, source, tool: str) -> None:
+    """A DoRA module cannot be resized or merged: its update depends on the base weight, which a LoRA file does
+    not carry. One line naming the file and the module."""
+    if mod.dora_scale is not None:
+        name = getattr(source, "name", None) or str(source)
+        raise UserError(f"{name}: module {key} is {mod.label}, whose update depends on the base model's weight, which "
+                        f"a LoRA file alone does not have; {tool} cannot take DoRA files (bake it into a checkpoint "
+                        f"with 'lorastudio lora bake' instead)", path=str(source))
+
+
+def delta_pair(w: torch.Tensor) -> LowRank:
+    """A full delta ([out, in] or [out, in, kh, kw]) as an exact pair of its numerical rank: a = U·S, b = Vᵀ from
+    a float64 SVD, singular values at or below max(shape) · fp32 epsilon · the largest dropped (rounding)."""
+    kernel = tuple(int(k) for k in w.shape[2:])
+    m = w.reshape(w.shape[0], -1).double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    tol = float(s[0]) * max(m.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    k = max(1, int((s > tol).sum()))
+    return LowRank((u[:, :k] * s[:k]).float(), vh[:k].float().contiguous(), kernel)
+
+
+def low_rank_of(mod: LoraModule, weight: float = 1.0, *, key: str = "", source="", tool: str = "") -> LowRank:
+    """Any module the tools take as weight · ΔW = a @ b: LoRA/LoCon/Tucker exactly from the factors, LoHa/LoKr
+    from the SVD of their full delta (:func:`delta_pair`, exact to rounding); DoRA refused (:func:`refuse_dora`)."""
+    refuse_dora(mod, key, source, tool)
+    if mod.kind == "lora":
+        return low_rank(mod, weight)
+    return delta_pair(mod.delta(weight))
+
+
 def stack(parts: list[LowRank]) -> LowRank:
     """The sum of several deltas of one layer as one pair of the summed rank (exact)."""
     first = parts[0]

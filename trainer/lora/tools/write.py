@@ -9,6 +9,7 @@ import json
 import math
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,12 @@ BASE_KEYS = ("ss_base_model_version", "ss_v2", "ss_sd_model_name", "ss_clip_skip
              "modelspec.resolution", "modelspec.encoder_layer")
 #: the metadata key naming the tool that made a file (the bake tool writes it too)
 TOOL_KEY = "lorastudio_tool"
+#: the metadata key saying which LyCORIS (LoHa/LoKr) modules a tool rewrote as plain LoRA
+CONVERTED_KEY = "lorastudio_converted"
 #: metadata of a source that no longer describes a tool's output
 _STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "lora_adapter_metadata",
                "ss_network_dim", "ss_network_alpha", "ss_network_args", "modelspec.date", "modelspec.title",
-               TOOL_KEY, "lorastudio_sources", "lorastudio_args")
+               TOOL_KEY, "lorastudio_sources", "lorastudio_args", CONVERTED_KEY)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class ToolResult:
     written: Written
     modules: list[ModuleReport]
     left_out: list[str] = field(default_factory=list)
+    #: modules read as LoHa/LoKr and written as plain LoRA (the SVD of their delta)
+    converted: list[str] = field(default_factory=list)
 
     @property
     def kept(self) -> float:
@@ -130,12 +135,21 @@ def source_record(lf: LoraFile, **extra) -> dict:
     """How a source file is named in ``lorastudio_sources``: file name, addnet hash, rank, plus ``extra``."""
     ranks = sorted({m.rank for m in lf.modules.values()})
     return {"file": lf.path.name, "sshs_model_hash": lf.addnet_hash, "rank": ranks[-1] if ranks else 0,
-            "modules": len(lf.modules), **extra}
+            "modules": len(lf.modules), "types": sorted({m.label for m in lf.modules.values()}), **extra}
+
+
+def converted_note(labels: list[str]) -> str | None:
+    """'12 LoHa modules written as plain LoRA (SVD of their delta)' for the LyCORIS modules a tool converted."""
+    if not labels:
+        return None
+    counts = Counter(labels)
+    parts = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+    return f"{parts} module{'s' if len(labels) > 1 else ''} written as plain LoRA (SVD of the delta)"
 
 
 def tool_metadata(tool: str, modules: dict[str, LoraModule], *, sources: list[dict], args: dict,
-                  inherited: dict[str, str] | None = None, title: str = "", family: str | None = None
-                  ) -> dict[str, str]:
+                  inherited: dict[str, str] | None = None, title: str = "", family: str | None = None,
+                  converted: str | None = None) -> dict[str, str]:
     """Metadata saying how a tool made a file (docs/lora-format.md, 'LoRA tools'): ``inherited`` keys first (the
     stale ones dropped), the base-model keys of an SDXL ``family`` where the sources had none (SD1 and SD2
     files cannot be told apart), then ``ss_network_*`` from the modules, ``modelspec`` basics and
@@ -176,6 +190,8 @@ def tool_metadata(tool: str, modules: dict[str, LoraModule], *, sources: list[di
     md["lorastudio_sources"] = json.dumps(sources, ensure_ascii=False)
     md["lorastudio_args"] = json.dumps(args, ensure_ascii=False)
     md["lorastudio.version"] = __version__
+    if converted:
+        md[CONVERTED_KEY] = converted
     return md
 
 

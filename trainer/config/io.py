@@ -106,6 +106,9 @@ def validate_for_training(cfg: Config) -> None:
     if tr.min_timestep >= tr.max_timestep:
         raise UserError(f"train.min_timestep ({tr.min_timestep}) must be below train.max_timestep "
                         f"({tr.max_timestep})", field="train.min_timestep")
+    if tr.fp8_base_text_encoder and not tr.fp8_base:
+        raise UserError("train.fp8_base_text_encoder: only together with train.fp8_base = true",
+                        field="train.fp8_base_text_encoder")
     if cfg.data.validation_dir and cfg.data.validation_split > 0:
         raise UserError("data.validation_split: give data.validation_dir or a split, not both",
                         field="data.validation_split")

@@ -195,6 +195,13 @@ class TrainConfig:
                                choices=("no", "fp16", "bf16"), basic=True, label="Mixed precision")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward: less memory, ~20-35% slower.",
                                        label="Gradient checkpointing")
+    fp8_base: bool = opt(False, "Store the frozen UNet's Linear/Conv weights as float8 (e4m3fn, one byte each) and "
+                         "compute in the mixed-precision dtype, upcasting one layer at a time (kohya's fp8_base): "
+                         "about half the UNet's memory of bf16. The adapter stays fp32; checkpoints hold only the "
+                         "adapter. Works with every lora.type (DoRA's norm uses the fp8-rounded base weight).",
+                         label="fp8 base model")
+    fp8_base_text_encoder: bool = opt(False, "With train.fp8_base: the text encoders' Linear weights in float8 too.",
+                                      label="fp8 text encoders")
     attention: str = opt("sdpa", "Attention kernel: PyTorch scaled_dot_product_attention or the plain path.",
                          choices=("sdpa", "default"), label="Attention kernel")
     seed: int = opt(42, "Random seed (data order, noise, LoRA init).", min=0, max=2**32 - 1, basic=True, label="Seed")

@@ -453,6 +453,11 @@ def _add_adapters(cfg: C.Config, base):
     # text-encoder layers after the hidden state the model reads get no gradient: they are not injected
     handles = inject_lora(base.unet, base.text_encoders, cfg.lora, train_text_encoder=train_te,
                           skip_last_layers=untrainable_te_layers(base.family, cfg.model.clip_skip))
+    if cfg.train.fp8_base:  # the frozen Linear/Conv weights under the adapters in fp8 (trainer/models/fp8.py)
+        from trainer.models.fp8 import UNET_KEEP, store_fp8
+        store_fp8(base.unet, _weight_dtype(cfg), keep=UNET_KEEP)
+        for te in base.text_encoders if cfg.train.fp8_base_text_encoder else ():
+            store_fp8(te, _weight_dtype(cfg))
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         base.unet.train()  # diffusers only checkpoints in training mode

@@ -1,0 +1,114 @@
+"""fp8 base weights (``train.fp8_base``, docs/config.md): the frozen Linear and Conv2d weights of the UNet (and,
+with ``train.fp8_base_text_encoder``, of the text encoders) are stored as ``torch.float8_e4m3fn``, one byte per
+weight, and upcast to the compute dtype (the mixed-precision dtype) one layer at a time when the layer runs, as
+kohya's ``--fp8_base`` does. Biases, norms and embeddings keep the compute dtype.
+
+The recipe converts after the adapters are injected: each peft wrapper's base layer (a plain ``nn.Linear`` /
+``nn.Conv2d``) becomes a subclass of it in place, so the wrapper keeps calling it, whatever the adapter type;
+the trainable adapter layers are left alone. peft's own set-up (DoRA's norm) has thus seen the loaded weights,
+and a DoRA magnitude starts from the unrounded base weight, the one the file is later applied to. ``weight``
+is the fp8 tensor itself (``.float()`` gives the rounded base weight, which DoRA's forward uses), and
+``compute_dtype`` is what peft reads for the dtype of an adapter added later. The
+backward pass keeps only the fp8 tensor and upcasts it again (no full-precision copy of a weight lives from the
+forward to the backward pass). Nothing here is ever saved: checkpoints hold the adapter tensors only.
+
+The UNet's ``conv_in`` and ``conv_out`` (a few thousand weights touching the latents directly) keep the compute
+dtype, and so ``unet.dtype`` (its first parameter's) still reports it, which diffusers' pipelines read.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+#: top-level UNet layers that stay in the compute dtype
+UNET_KEEP = ("conv_in", "conv_out")
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w8, bias, dtype):
+        ctx.save_for_backward(w8)  # the module's own fp8 tensor: nothing new is kept for backward
+        ctx.dtype = dtype
+        return F.linear(x, w8.to(dtype), bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (w8,) = ctx.saved_tensors
+        gx = g @ w8.to(g.dtype) if ctx.needs_input_grad[0] else None
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return gx, None, gb, None
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w8, bias, dtype, stride, padding, dilation, groups):
+        ctx.save_for_backward(w8)
+        ctx.args = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, w8.to(dtype), bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        (w8,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.args
+        gx = (torch.nn.grad.conv2d_input(shape, w8.to(g.dtype), g, stride, padding, dilation, groups)
+              if ctx.needs_input_grad[0] else None)
+        gb = g.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return gx, None, gb, None, None, None, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """nn.Linear with an fp8 weight, computing in ``compute_dtype``."""
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, x):
+        return _LinearFn.apply(x.to(self.compute_dtype), self.weight, self.bias, self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8 weight, compute {self.compute_dtype}"
+
+
+class Fp8Conv2d(nn.Conv2d):
+    """nn.Conv2d (zero padding) with an fp8 weight, computing in ``compute_dtype``."""
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, x):
+        return _ConvFn.apply(x.to(self.compute_dtype), self.weight, self.bias, self.compute_dtype, self.stride,
+                             self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8 weight, compute {self.compute_dtype}"
+
+
+def _convertible(m: nn.Module) -> type | None:
+    if type(m) is nn.Linear:
+        return Fp8Linear
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return Fp8Conv2d
+    return None
+
+
+@torch.no_grad()
+def store_fp8(model: nn.Module, compute_dtype: torch.dtype, keep: tuple[str, ...] = ()) -> int:
+    """Store the frozen Linear/Conv2d weights of ``model`` as fp8 (in place, layer by layer, so the extra memory
+    is one layer's); trainable layers (the adapters' own) and ``keep`` (module paths, with everything under
+    them) are left as they are. Returns the number of layers converted."""
+    n = 0
+    for name, m in model.named_modules():
+        cls = _convertible(m)
+        if cls is None or m.weight.requires_grad or any(name == k or name.startswith(k + ".") for k in keep):
+            continue
+        m.weight = nn.Parameter(m.weight.to(FP8), requires_grad=False)
+        if m.bias is not None and m.bias.dtype != compute_dtype:
+            m.bias = nn.Parameter(m.bias.to(compute_dtype), requires_grad=False)
+        m.__class__ = cls
+        m.compute_dtype = compute_dtype
+        n += 1
+    return n
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (what its weights occupy)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

@@ -27,6 +27,11 @@ from trainer.train.checkpoint import list_checkpoints  # torch-free: the web app
 
 #: Steps kept for the loss plot (older points are thinned so a long run stays cheap to draw).
 MAX_PLOT_POINTS = 2000
+#: Most training processes (GPUs) the Train tab starts on this machine; more than one goes through
+#: ``accelerate launch --multi_gpu --num_processes N`` (DDP). Several machines: accelerate's own config (README).
+MIN_PROCESSES, MAX_PROCESSES = 1, 16
+#: how ``accelerate launch`` is run: its module, with this Python (the same environment as the app)
+ACCELERATE_LAUNCH = ("-m", "accelerate.commands.launch")
 LOG_TAIL_LINES = 40
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]  # where the `trainer` package lives
@@ -313,8 +318,18 @@ class JobManager:
         j = self._job
         return j if j is not None and j.alive() else None
 
-    def command_for(self, config_path: Path, *, resume: bool = False, overwrite: bool = False) -> list[str]:
-        argv = [self.python, "-m", "trainer", "--config", str(config_path)]
+    def command_for(self, config_path: Path, *, resume: bool = False, overwrite: bool = False, processes: int = 1,
+                    port: int | None = None) -> list[str]:
+        """``python -m trainer --config ...``; with several processes, the same under ``accelerate launch``
+        (``port``: the processes' rendezvous port on this machine; accelerate's default when None)."""
+        if not MIN_PROCESSES <= int(processes) <= MAX_PROCESSES:
+            raise UserError(f"processes: {processes} is not between {MIN_PROCESSES} and {MAX_PROCESSES}")
+        launch: list[str] = []
+        if processes > 1:
+            launch = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", str(int(processes))]
+            if port is not None:
+                launch += ["--main_process_port", str(port)]
+        argv = [self.python, *launch, "-m", "trainer", "--config", str(config_path)]
         if resume:
             argv.append("--resume")
         if overwrite:
@@ -324,11 +339,14 @@ class JobManager:
     @staticmethod
     def display(argv: list[str]) -> str:
         shown = ["python", *argv[1:]] if argv and Path(argv[0]).name.startswith("python") else argv
+        if tuple(shown[1:3]) == ACCELERATE_LAUNCH:
+            shown = ["accelerate", "launch", *shown[3:]]
         return " ".join(shlex.quote(a) for a in shown)
 
     def start(self, run_dir: Path, config_text: str, *, resume: bool = False, overwrite: bool = False,
-              cwd: Path | None = None, argv: list[str] | None = None) -> TrainingJob:
-        """Write <run>/config.toml and launch the trainer on it.
+              cwd: Path | None = None, argv: list[str] | None = None, processes: int = 1) -> TrainingJob:
+        """Write <run>/config.toml and launch the trainer on it (``processes`` > 1: under accelerate launch, on a
+        free local port; Stop's SIGINT goes to the launcher, which passes it to every process).
 
         UserError (nothing written, nothing started) when a job is already running, when Resume has no
         checkpoint to continue from, or when Start would reuse a run folder that holds checkpoints.
@@ -359,7 +377,8 @@ class JobManager:
                     from None
             if not resume:
                 (run_dir / "events.jsonl").unlink(missing_ok=True)  # the trainer does the same; no stale events
-            argv = argv or self.command_for(config_path, resume=resume, overwrite=overwrite)
+            argv = argv or self.command_for(config_path, resume=resume, overwrite=overwrite, processes=processes,
+                                            port=_free_port() if processes > 1 else None)
             self._job = TrainingJob(run_dir, config_path, argv, self.display(argv), resume,
                                     Path(cwd) if cwd else Path.cwd(), _child_env())
             return self._job
@@ -379,6 +398,13 @@ class JobManager:
         j = self.running()
         if j is not None:
             j.kill(timeout=60)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _child_env() -> dict[str, str]:

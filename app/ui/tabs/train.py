@@ -21,7 +21,7 @@ from trainer.errors import UserError, first_line
 
 from app.ui.form import (ADVANCED_FIELDS, BASIC_FIELDS, FORM_FIELDS, KEEP_ON_PRESET, config_control, config_to_form,
                          error_md, error_updates, form_to_config, guarded, resolve, value_from_form)
-from app.ui.jobs import JobView, format_duration
+from app.ui.jobs import MAX_PROCESSES, MIN_PROCESSES, JobView, format_duration
 from app.ui.registry import Registry
 from app.ui.state import AppState, rel
 
@@ -246,7 +246,22 @@ def job_outputs(state: AppState, seen: dict | None, finished: int = 0, force: bo
             v.command or "", *buttons(v), (finished or 0) + 1 if ended_now else gr.skip(), new_seen)
 
 
-def start_or_resume(state: AppState, resume: bool, overwrite: bool, values) -> tuple:
+def _processes(raw: Any) -> int:
+    """The processes (GPUs) box: a whole number from MIN_PROCESSES to MAX_PROCESSES, or a UserError."""
+    try:
+        f = float(raw)
+    except (TypeError, ValueError):
+        f = 0.5
+    if not (f.is_integer() and MIN_PROCESSES <= f <= MAX_PROCESSES):
+        raise UserError(f"processes (GPUs): {raw!r} is not a whole number from {MIN_PROCESSES} to {MAX_PROCESSES}")
+    return int(f)
+
+
+def start_or_resume(state: AppState, resume: bool, overwrite: bool, values, processes: Any = 1) -> tuple:
+    try:
+        n_proc = _processes(processes)
+    except UserError as e:
+        return (*error_updates({}), gr.update(value=error_md(first_line(e)), visible=True))
     cfg, errors = form_to_config(values)
     if not errors:
         errors = check_before_start(cfg)
@@ -261,7 +276,8 @@ def start_or_resume(state: AppState, resume: bool, overwrite: bool, values) -> t
     text = C.config_to_toml(cfg, header=f"Resolved LoRA Studio config of run '{cfg.output.name}' (from the web app)."
                                         f"\nReplay: python -m trainer --config {config_path}")
     try:
-        job = state.jobs.start(run_dir, text, resume=resume, overwrite=overwrite and not resume, cwd=state.root)
+        job = state.jobs.start(run_dir, text, resume=resume, overwrite=overwrite and not resume, cwd=state.root,
+                               processes=n_proc)
     except UserError as e:
         errs = {e.field: first_line(e)} if e.field in C.FIELDS else {}
         return (*error_updates(errs), gr.update(value=error_md(first_line(e)), visible=True))
@@ -314,6 +330,10 @@ def create_train_tab(state: AppState, reg: Registry) -> None:
         resume_btn = r("train.resume", gr.Button("Resume", elem_id="tr-resume"))
         overwrite = r("train.overwrite", gr.Checkbox(label="overwrite: start over in a run folder that has "
                                                            "checkpoints", elem_id="tr-overwrite"))
+        processes = r("train.processes", gr.Number(
+            MIN_PROCESSES, precision=0, minimum=MIN_PROCESSES, maximum=MAX_PROCESSES, label="Processes (GPUs)", elem_id="tr-processes",
+            info="More than one: the run starts under `accelerate launch --num_processes N` (one process per "
+                 "GPU); Stop and Resume work the same"))
     msg = r("train.msg", gr.Markdown("", elem_id="tr-msg"))
     idle = JobView()
     r("train.status", gr.Markdown(status_md(idle), elem_id="tr-status"))
@@ -369,10 +389,10 @@ def create_train_tab(state: AppState, reg: Registry) -> None:
     preset_load.click(on_preset_load, [preset_pick, *inputs], [*inputs, *errors, form_msg])
     preset_refresh.click(lambda: gr.update(choices=state.preset_choices()), None, [preset_pick])
 
-    start_btn.click(lambda ow, *vals: start_or_resume(state, False, ow, vals), [overwrite, *inputs],
+    start_btn.click(lambda ow, n, *vals: start_or_resume(state, False, ow, vals, n), [overwrite, processes, *inputs],
                     [*errors, msg], concurrency_id="train-control")
-    resume_btn.click(lambda *vals: start_or_resume(state, True, False, vals), inputs, [*errors, msg],
-                     concurrency_id="train-control")
+    resume_btn.click(lambda n, *vals: start_or_resume(state, True, False, vals, n), [processes, *inputs],
+                     [*errors, msg], concurrency_id="train-control")
 
     @guarded(1)
     def on_stop():
@@ -380,15 +400,16 @@ def create_train_tab(state: AppState, reg: Registry) -> None:
     stop_btn.click(on_stop, None, [msg], concurrency_id="train-control")
 
     @guarded(2, status_at=1)
-    def on_preview_config(*vals):
+    def on_preview_config(n, *vals):
+        n = _processes(n)
         cfg, errs = form_to_config(vals)
         if errs:
             raise UserError(f"{len(errs)} field(s) are not valid: {next(iter(errs.values()))}")
         cfg = absolute_paths(cfg)
         run_dir = Path(cfg.output.dir) / cfg.output.name
-        cmd = state.jobs.display(state.jobs.command_for(run_dir / "config.toml"))
+        cmd = state.jobs.display(state.jobs.command_for(run_dir / "config.toml", processes=n))
         return (C.config_to_toml(cfg, header=f"Replay: {cmd}"), f"`{cmd}`")
-    preview_btn.click(on_preview_config, inputs, [preview_code, msg])
+    preview_btn.click(on_preview_config, [processes, *inputs], [preview_code, msg])
 
     tick.tick(lambda s, n: job_outputs(state, s, n), [seen, finished], reg.many(JOB_OUTPUT_KEYS),
               show_progress="hidden", concurrency_limit=None, queue=False)

@@ -19,6 +19,18 @@ from trainer.lora.match import match_modules
 from trainer.lora.reader import read_lora
 
 
+def hashed_safetensors(tensors: dict, metadata: dict[str, str]) -> tuple[bytes, str, dict[str, str]]:
+    """Serialise once; the hash covers only the bytes after the header, so it goes into the metadata afterwards
+    unchanged (docs/lora-format.md, 'Hashes'). Returns (file bytes, digest, the metadata written)."""
+    from safetensors.torch import save as st_save
+    blob = st_save(tensors)
+    digest = hashlib.sha256(memoryview(blob)[8 + header_length(blob):]).hexdigest()
+    md = dict(metadata)
+    md["sshs_model_hash"] = digest
+    md["modelspec.hash_sha256"] = "0x" + digest
+    return _with_metadata(blob, md), digest, md
+
+
 def _with_metadata(blob: bytes, metadata: dict[str, str]) -> bytes:
     """Replace the metadata of an in-memory safetensors blob without touching (or re-serialising) the tensor data."""
     n = header_length(blob)
@@ -110,7 +122,6 @@ def kohya_state_dict(unet, text_encoders: list, *, family: str, save_precision: 
 def save_lora(path: str | Path, unet, text_encoders: list, *, family: str, metadata: dict[str, str],
               save_precision: str = "fp16", adapter_name: str = "default") -> SavedLora:
     """Write the trained adapter as one kohya-format .safetensors (docs/lora-format.md, 'Atomic write and self-check'), then prove it reloads onto these models."""
-    from safetensors.torch import save as st_save
 
     path = Path(path)
     _check_family(family)
@@ -127,12 +138,7 @@ def save_lora(path: str | Path, unet, text_encoders: list, *, family: str, metad
 
     # Serialise once; the hash covers only the bytes after the header, so adding it to the metadata
     # afterwards does not change it (docs/lora-format.md, 'Hashes').
-    blob = st_save(tensors)
-    digest = hashlib.sha256(memoryview(blob)[8 + header_length(blob):]).hexdigest()
-    md = dict(metadata)
-    md["sshs_model_hash"] = digest
-    md["modelspec.hash_sha256"] = "0x" + digest
-    blob = _with_metadata(blob, md)
+    blob, digest, md = hashed_safetensors(tensors, metadata)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -4,11 +4,9 @@ its name (docs/lora-format.md, 'LoRA tools')."""
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from trainer.common.names import FAMILIES
 from trainer.errors import UserError
 from trainer.lora.io import (ARCHITECTURES, IMPLEMENTATIONS, SAVE_DTYPES, LoraFile, LoraModule, kohya_module_name,
                              lora_addnet_hash, read_lora)
+from trainer.lora.writer import hashed_safetensors
 from trainer.lora.keymap import TE_COMPONENTS, UnetLayout, parse_unet_name
 from trainer.lora.tools import PRECISIONS
 #: largest relative Frobenius error of a delta read back, per dtype of the factors
@@ -217,21 +216,6 @@ def _tensors(modules: dict[str, LoraModule], family: str, layout: UnetLayout, dt
     return tensors
 
 
-def _header_length(blob: bytes) -> int:
-    return struct.unpack("<Q", blob[:8])[0]
-
-
-def _with_metadata(blob: bytes, metadata: dict[str, str]) -> bytes:
-    """The same tensor bytes under a header carrying ``metadata`` (padded with spaces to 8 bytes, as
-    safetensors does), so the addnet hash taken before still holds."""
-    n = _header_length(blob)
-    header = json.loads(blob[8:8 + n])
-    header["__metadata__"] = metadata
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw + blob[8 + n:]
-
-
 def _frobenius_error(want: LoraModule, got: LoraModule) -> tuple[float, float]:
     """(||ΔW_got - ΔW_want||_F, ||ΔW_want||_F) from the factors, in float64, without forming either delta."""
     from trainer.lora.tools.svd import low_rank
@@ -281,7 +265,6 @@ def write_lora(path: str | Path, modules: dict[str, LoraModule], *, family: str,
     unchecked file. ``family`` is 'sd1', 'sd2' or 'sdxl' (key dialect and TE prefixes); ``layout`` is the UNet's
     when known (SDXL upsampler names), else SDXL's real one.
     """
-    from safetensors.torch import save as st_save
 
     path = Path(path)
     if family not in FAMILIES:
@@ -297,12 +280,7 @@ def write_lora(path: str | Path, modules: dict[str, LoraModule], *, family: str,
         raise TypeError(f"safetensors metadata values must be strings: {bad[:5]}")
     layout = layout or (SDXL_LAYOUT if family == "sdxl" else UnetLayout())
     tensors = _tensors(modules, family, layout, SAVE_DTYPES[save_precision])
-    blob = st_save(tensors)
-    digest = hashlib.sha256(memoryview(blob)[8 + _header_length(blob):]).hexdigest()
-    md = dict(metadata)
-    md["sshs_model_hash"] = digest
-    md["modelspec.hash_sha256"] = "0x" + digest
-    blob = _with_metadata(blob, md)
+    blob, digest, md = hashed_safetensors(tensors, metadata)
     del tensors
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -171,3 +171,22 @@ def test_cli_and_gui_share_each_limit(fi, capsys, tmp_path):
     assert getattr(args, fi.name) == top
     with pytest.raises(UserError, match=flag):
         build_parser().parse_args(base + [flag, str(top + (fi.multiple_of or 1))])
+
+
+def test_no_test_waits_on_a_speed_figure_of_its_own():
+    """A test's wait for a child, a server or a browser element uses tests/fixtures/waits.py (a hang guard), never a
+    number of its own: a figure like ``timeout=120`` fails the suite on a slow machine (CI run of stop 21 did)."""
+    bad = []
+    for path in (REPO / "tests").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.keyword) and node.arg == "timeout":
+                v = _number(node.value)
+                if v is not None and v > 10:      # a socket's 2 s poll or a kill grace is not a wait for work
+                    bad.append(f"{path.relative_to(REPO)}:{node.value.lineno} timeout={v}")
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = fn.args.args + fn.args.kwonlyargs
+                for a, d in zip(args[len(args) - len(fn.args.defaults):], fn.args.defaults):
+                    if a.arg == "timeout" and (_number(d) or 0) > 10:
+                        bad.append(f"{path.relative_to(REPO)}:{fn.lineno} def {fn.name}(timeout={_number(d)})")
+    assert not bad, "waits with their own speed figure (use tests.fixtures.waits.HANG_S/HANG_MS):\n" + "\n".join(bad)

@@ -6,13 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from tests.fixtures.waits import HANG_S
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_smoke_writes_json_and_markdown(tmp_path):
     r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["smoke"] and [(s["family"], s["batch"]) for s in res["steps"]] == [("sd1", 4), ("sdxl", 1)]

@@ -12,6 +12,7 @@ import pytest
 from tests.datasets_tools.test_captioners import build_tiny_wd14, tiny_blip  # noqa: F401 (a fixture)
 from tests.datasets_tools.unusable_files import assert_names_every_unusable, captions_of, make_unusable_folder
 from tests.fixtures.dataset_images import make_dataset, read_only
+from tests.fixtures.waits import HANG_S
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[3]
 def run_cli(*args, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "app.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd or REPO, timeout=300)
+                          env=env, cwd=cwd or REPO, timeout=HANG_S)
 
 
 def assert_one_line_error(r, *needles):

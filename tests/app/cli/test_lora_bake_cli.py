@@ -13,6 +13,7 @@ import pytest
 
 from app.cli import main
 from tests.fixtures.lora_files import make_lora, one_torch_thread  # noqa: F401 (autouse: one torch thread)
+from tests.fixtures.waits import HANG_S
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -94,7 +95,7 @@ def test_a_real_subprocess_prints_one_line_naming_the_file(tiny_sd1_dir, tmp_pat
     args = ["lora", "bake", "--model", str(tiny_sd1_dir), "--lora", f"{lora}:0.8", "--out", str(out)]
     cmd = [sys.executable, "-m", "app.cli", *args]
     env = dict(os.environ, LORASTUDIO_NO_BAR="1")
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_S)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and "broken.safetensors" in lines[0], done.stderr

@@ -13,6 +13,7 @@ import pytest
 from app.cli import main
 from tests.fixtures.lora_files import make_lora, one_torch_thread  # noqa: F401
 from trainer.lora.io import read_lora
+from tests.fixtures.waits import HANG_S
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -105,7 +106,7 @@ def test_a_real_process_prints_one_line_naming_the_bad_file(tmp_path):
     out = tmp_path / "out.safetensors"
     env = dict(os.environ, LORASTUDIO_NO_BAR="1")
     proc = subprocess.run([sys.executable, "-m", "app.cli", "lora", "resize", str(bad), "--rank", "2",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=HANG_S)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(err) == 1 and str(bad) in err[0] and "Traceback" not in proc.stderr, proc.stderr

@@ -17,13 +17,14 @@ import pytest
 
 from trainer import config as C
 from trainer.errors import UserError
+from tests.fixtures.waits import HANG_S
 
 REPO = Path(__file__).resolve().parents[3]
 
 
 def test_importing_the_app_does_not_import_torch():
     code = "import app.ui.app, app.ui.jobs, app.ui.state, app.ui.form, app.demo, app.cli.ui, sys; assert 'torch' not in sys.modules, 'torch'"
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr
 
@@ -158,7 +159,7 @@ def _start_ui(tmp_path, *extra):
     return proc, port, t0
 
 
-def _wait(url, proc, timeout=60.0, auth_ok=False):
+def _wait(url, proc, timeout=HANG_S, auth_ok=False):
     end = time.time() + timeout
     while time.time() < end:
         if proc.poll() is not None:

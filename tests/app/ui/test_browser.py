@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tests.fixtures.waits import HANG_MS, HANG_S
 
 CHROMIUM = "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[3]
@@ -70,7 +71,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port),
                              "--demo"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_http(f"http://127.0.0.1:{port}/", 90, proc)
+        wait_http(f"http://127.0.0.1:{port}/", HANG_S, proc)
         yield {"url": f"http://127.0.0.1:{port}/", "root": root, "home": home, "proc": proc}
     finally:
         proc.send_signal(signal.SIGINT)
@@ -87,7 +88,7 @@ def page(server):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
         context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
         pg = context.new_page()
-        pg.set_default_timeout(30_000)
+        pg.set_default_timeout(HANG_MS)
         pg.goto(server["url"])
         yield pg
         browser.close()
@@ -133,8 +134,8 @@ def test_page_has_four_tabs_and_demo_fills_the_forms(page):
     for name in ("Dataset", "Train", "Generate", "Presets"):
         expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
     # --demo builds the tiny model in the background; the banner says what it is and the forms fill in
-    expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL, timeout=120_000)
-    expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"), timeout=30_000)
+    expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL, timeout=HANG_MS)
+    expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"), timeout=HANG_MS)
     tab(page, "Train")
     expect(page.locator(f"#{field(page, 'model.base')} input")).to_have_value(DEMO_MODEL)
     expect(page.locator(f"#{field(page, 'data.resolution')} input")).to_have_value("64")
@@ -148,14 +149,14 @@ def test_page_has_four_tabs_and_demo_fills_the_forms(page):
 def test_creating_the_demo_again_says_it_exists_and_fills_the_forms(page):
     fill(page, "ds-folder", "somewhere-else")
     page.locator("#demo-btn").click()
-    expect(page.locator("#demo-banner")).to_contain_text("The demo already exists", timeout=60_000)
+    expect(page.locator("#demo-banner")).to_contain_text("The demo already exists", timeout=HANG_MS)
     expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL)
     expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"))
 
 
 def test_scan_caption_edit_and_bucket_preview(page, server):
     page.locator("#ds-scan").click()
-    expect(page.locator("#ds-status")).to_contain_text("30 picture(s), 30 usable", timeout=60_000)
+    expect(page.locator("#ds-status")).to_contain_text("30 picture(s), 30 usable", timeout=HANG_MS)
     expect(page.locator("#ds-problems")).to_contain_text("missing_caption")  # no captions yet, by file
     expect(page.locator("#ds-gallery")).to_contain_text("(no caption)")
     expect(page.locator("#ds-summary")).to_contain_text("no caption file: 30")
@@ -167,7 +168,7 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     # template captioner with a live progress bar, trigger first
     fill(page, "cap-trigger", "zxq")
     page.locator("#cap-run").click()
-    expect(page.locator("#cap-status")).to_contain_text("captioned 30 image(s)", timeout=60_000)
+    expect(page.locator("#cap-status")).to_contain_text("captioned 30 image(s)", timeout=HANG_MS)
     expect(page.locator("#ds-gallery")).to_contain_text("zxq, red square")
     # the scan report follows the captions: it is re-run, not left saying "no caption file: 30"
     expect(page.locator("#ds-summary")).not_to_contain_text("no caption file")
@@ -201,7 +202,7 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
 
     # bucket preview: counts and the contact sheet with crop boxes
     page.locator("#bp-run").click()
-    expect(page.locator("#bp-status")).to_contain_text("30 picture(s) in 1 bucket(s)", timeout=60_000)
+    expect(page.locator("#bp-status")).to_contain_text("30 picture(s) in 1 bucket(s)", timeout=HANG_MS)
     expect(page.locator("#bp-counts")).to_contain_text("64x64")
     expect(page.locator("#bp-rows")).to_contain_text("blue_square_01.png")  # a wide picture: its crop box shows
     expect(page.locator("#bp-sheet img")).to_be_visible()
@@ -238,7 +239,7 @@ def test_trainer_failure_is_shown_and_the_app_keeps_working(page, server):
     fill(page, field(page, "train.learning_rate"), "0.001")
     fill(page, field(page, "output.name"), "broken-run")
     page.locator("#tr-start").click()
-    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "failed", timeout=120_000)
+    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "failed", timeout=HANG_MS)
     expect(page.locator("#tr-status")).to_contain_text("Exit code 2")
     expect(page.locator("#tr-status")).to_contain_text("not-a-model")
     expect(page.locator("#tr-log")).to_contain_text("error: ")
@@ -261,15 +262,15 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     expect(page.locator("#err-train-max_steps")).to_be_hidden()
     expect(page.locator("#tr-command")).to_contain_text("python -m trainer --config")
     progress = page.locator("#train-progress-bar")
-    expect(progress).to_have_attribute("data-state", "running", timeout=120_000)
-    expect(progress).to_contain_text(re.compile(r"step [1-9]\d* / 10"), timeout=60_000)
+    expect(progress).to_have_attribute("data-state", "running", timeout=HANG_MS)
+    expect(progress).to_contain_text(re.compile(r"step [1-9]\d* / 10"), timeout=HANG_MS)
     expect(progress).to_contain_text("ETA")
 
     # the rest of the app answers while the trainer runs (it is a separate process)
     tab(page, "Dataset")
     t0 = time.perf_counter()
     page.locator("#op-stats-btn").click()
-    expect(page.locator("#op-status")).to_contain_text("tag frequency of", timeout=15_000)
+    expect(page.locator("#op-status")).to_contain_text("tag frequency of", timeout=HANG_MS)
     assert time.perf_counter() - t0 < 15
     tab(page, "Train")
     expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", re.compile("running|stopping"))
@@ -277,13 +278,13 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     # a reloaded page re-attaches to the running job (server-side state)
     page.reload()
     tab(page, "Train")
-    expect(page.locator("#train-progress-bar")).to_contain_text(re.compile(r"step \d+ / 10"), timeout=30_000)
+    expect(page.locator("#train-progress-bar")).to_contain_text(re.compile(r"step \d+ / 10"), timeout=HANG_MS)
     expect(page.locator(f"#{field(page, 'train.max_steps')} input")).to_have_value("10")
     expect(page.locator("#tr-start")).to_be_disabled()
 
     # one job at a time
     page.locator("#tr-stop").click()
-    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "stopped", timeout=120_000)
+    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "stopped", timeout=HANG_MS)
     expect(page.locator("#tr-status")).to_contain_text("a checkpoint was saved")
     stopped_at = int(page.locator("#train-progress-bar").get_attribute("data-step"))
     assert 1 <= stopped_at < 10
@@ -291,18 +292,18 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     page.locator("#tr-resume").click()
     expect(page.locator("#tr-msg")).to_contain_text("resuming run 'demo-lora'")
     expect(page.locator("#tr-command")).to_contain_text("--resume")
-    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "completed", timeout=240_000)
+    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "completed", timeout=HANG_MS)
     expect(page.locator("#train-progress-bar")).to_contain_text("step 10 / 10")
     expect(page.locator("#tr-status")).to_contain_text("demo-lora.safetensors")
     expect(page.locator("#tr-log")).to_contain_text(f"resumed from")
-    expect(page.locator("#tr-samples img").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#tr-samples img").first).to_be_visible(timeout=HANG_MS)
     expect(page.locator("#tr-loss canvas, #tr-loss svg").first).to_be_visible()
     assert "common." not in page.locator("body").inner_text()
     # the job's end refreshed the LoRA pickers: the Presets tab's (built when the server started, before any
     # LoRA existed, and not refreshed by opening its tab) offers the new LoRA without pressing anything
     tab(page, "Presets")
     page.locator("#p-lora input").click()
-    expect(page.get_by_role("option", name="outputs/demo-lora/demo-lora.safetensors")).to_be_visible(timeout=10_000)
+    expect(page.get_by_role("option", name="outputs/demo-lora/demo-lora.safetensors")).to_be_visible(timeout=HANG_MS)
     page.keyboard.press("Escape")
     tab(page, "Train")
     run = server["root"] / "outputs" / "demo-lora"
@@ -335,7 +336,7 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     fill(page, "g-prompt", "zxq, a red circle")
     fill(page, "g-steps", "4")
     page.locator("#g-generate").click()
-    expect(page.locator("#g-status")).to_contain_text("1 image(s)", timeout=180_000)
+    expect(page.locator("#g-status")).to_contain_text("1 image(s)", timeout=HANG_MS)
     expect(page.locator("#g-status")).to_contain_text("demo-lora 0.8")
     expect(page.locator("#g-status")).to_contain_text(f"{step_file.stem} 0.3")
     params = page.locator("#g-params textarea")
@@ -354,7 +355,7 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     box.press("Enter")
     page.wait_for_timeout(500)
     page.locator("#g-generate").click()
-    expect(page.locator("#g-status")).to_contain_text(f"{step_file.stem} -0.5", timeout=120_000)
+    expect(page.locator("#g-status")).to_contain_text(f"{step_file.stem} -0.5", timeout=HANG_MS)
     expect(page.locator("#g-status")).to_contain_text("base model reused")
     expect(page.locator("#g-params textarea")).to_have_value(re.compile(r"<lora:demo-lora:0\.2:0\.8>"))
     expect(page.locator("#g-params textarea")).to_have_value(re.compile(r'Lora te weights: "demo-lora: 0\.2'))
@@ -363,7 +364,7 @@ def test_generate_with_two_loras_and_a_grid(page, server):
     fill(page, "g-grid-weights", "0, 1")
     fill(page, "g-grid-seeds", "1, 2")
     page.locator("#g-grid").click()
-    expect(page.locator("#g-status")).to_contain_text("grid: 2 seeds x 2 weights", timeout=180_000)
+    expect(page.locator("#g-status")).to_contain_text("grid: 2 seeds x 2 weights", timeout=HANG_MS)
     expect(page.locator("#g-params textarea")).to_have_value(
         re.compile(r'Grid: "rows seed \[1; 2\], columns demo-lora weight \[0; 1\]"'))
     expect(page.locator("#g-gallery img").first).to_be_visible()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.app.ui.test_browser import CHROMIUM, LAUNCH_ARGS, fill, free_port, tab, wait_http
+from tests.fixtures.waits import HANG_MS, HANG_S
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")]
@@ -37,11 +38,11 @@ def tools_page(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port)],
                             env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_http(f"http://127.0.0.1:{port}/", 90, proc)
+        wait_http(f"http://127.0.0.1:{port}/", HANG_S, proc)
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
             page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.set_default_timeout(30_000)
+            page.set_default_timeout(HANG_MS)
             page.goto(f"http://127.0.0.1:{port}/")
             yield page, root
             browser.close()
@@ -56,7 +57,7 @@ def tools_page(tmp_path_factory):
 
 def run(page, tool: str, says: str) -> None:
     page.locator(f"#t-{tool}-run").click()
-    expect(page.locator(f"#t-{tool}-status")).to_contain_text(says, timeout=120_000)
+    expect(page.locator(f"#t-{tool}-status")).to_contain_text(says, timeout=HANG_MS)
 
 
 def test_one_run_of_each_tool(tools_page):

@@ -14,6 +14,7 @@ import pytest
 from app.ui.jobs import JobManager, read_tail
 from trainer.train.checkpoint import list_checkpoints
 from trainer.errors import UserError
+from tests.fixtures.waits import HANG_S
 
 # A stand-in for `python -m trainer`: the same events.jsonl, signals and exit codes, no torch.
 FAKE = textwrap.dedent('''
@@ -68,7 +69,7 @@ def start(jm: JobManager, fake: Path, run: Path, mode: str, **kw):
     return jm.start(run, "preset_version = 1\n", argv=argv, cwd=run.parent, **kw)
 
 
-def wait_for(jm: JobManager, cond, timeout: float = 30.0):
+def wait_for(jm: JobManager, cond, timeout: float = HANG_S):
     end = time.time() + timeout
     while time.time() < end:
         v = jm.view()

@@ -14,11 +14,12 @@ from trainer.errors import UserError
 from trainer.train.checkpoint import list_checkpoints
 
 from tests.fixtures.runs import tiny_overrides
+from tests.fixtures.waits import HANG_S
 
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def _wait(jm: JobManager, cond, timeout: float = 240.0):
+def _wait(jm: JobManager, cond, timeout: float = HANG_S):
     end = time.time() + timeout
     while time.time() < end:
         v = jm.view()

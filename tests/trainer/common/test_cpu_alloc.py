@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tests.fixtures.waits import HANG_S
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
@@ -34,7 +35,7 @@ _SCRIPT = textwrap.dedent("""
 
 def _faults(mode: str, **env) -> int:
     import os
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, timeout=HANG_S,
                          cwd=REPO, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.split()[-1])

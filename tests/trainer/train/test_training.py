@@ -21,6 +21,7 @@ from trainer.train.events import read_events
 from trainer.train.recipe import train
 
 from tests.fixtures.runs import tiny_overrides
+from tests.fixtures.waits import HANG_S
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -129,7 +130,7 @@ def _write_config(path: Path, overrides: list[str]) -> Path:
     return path
 
 
-def _wait_for_event(events: Path, pred, proc, timeout: float = 120) -> dict:
+def _wait_for_event(events: Path, pred, proc, timeout: float = HANG_S) -> dict:
     t0 = time.time()
     while time.time() - t0 < timeout:
         for e in read_events(events):
@@ -153,7 +154,7 @@ def test_sigint_saves_checkpoint_and_exits_zero_then_sigkill_resume_matches(tiny
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     _wait_for_event(events, lambda e: e["type"] == "step" and e["step"] >= 2, proc)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, err
     assert "resume with" in err and "Traceback" not in err
     stopped = [e for e in read_events(events) if e["type"] == "run_ended"][-1]
@@ -165,7 +166,7 @@ def test_sigint_saves_checkpoint_and_exits_zero_then_sigkill_resume_matches(tiny
     proc.kill()
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    r = _cli(["-m", "trainer", "--config", str(cfgfile), "--resume"], timeout=300)
+    r = _cli(["-m", "trainer", "--config", str(cfgfile), "--resume"], timeout=HANG_S)
     assert r.returncode == 0, r.stderr
     _assert_same(_lora_tensors(ref.lora_path), _lora_tensors(tmp_path / "o" / "run" / "run.safetensors"))
 
@@ -181,7 +182,7 @@ def test_two_processes_with_accelerate_write_one_lora(tiny_sd1_dir, image_folder
         port = sock.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "trainer", "--config", str(cfgfile)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       capture_output=True, text=True, cwd=ROOT, timeout=HANG_S,
                        env=dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     files = list((tmp_path / "o" / "run").glob("*.safetensors"))
@@ -226,7 +227,7 @@ def test_bad_inputs_fail_with_one_line(tiny_sd1_dir, image_folder, tmp_path):
     ]
     for overrides, expected in cases:
         args = ["-m", "trainer"] + [a for o in overrides for a in ("--set", o)]
-        _assert_clean_failure(_cli(args, timeout=300), expected, out)
+        _assert_clean_failure(_cli(args, timeout=HANG_S), expected, out)
 
 
 def test_non_finite_loss_stops_names_step_and_keeps_checkpoint(tiny_sd1_dir, image_folder, tmp_path):
@@ -234,7 +235,7 @@ def test_non_finite_loss_stops_names_step_and_keeps_checkpoint(tiny_sd1_dir, ima
     over = tiny_overrides(tiny_sd1_dir, image_folder, out, steps=40, **{
         "train.learning_rate": 10.0, "train.max_grad_norm": 0.0, "train.save_every_steps": 1,
         "train.keep_checkpoints": 1, "lora.alpha": 64.0})
-    r = _cli(["-m", "trainer"] + [a for o in over for a in ("--set", o)], timeout=300)
+    r = _cli(["-m", "trainer"] + [a for o in over for a in ("--set", o)], timeout=HANG_S)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     line = r.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "diverged" in line and "at step" in line and "learning_rate" in line
@@ -252,7 +253,7 @@ def test_cli_train_from_shipped_preset_on_single_file_checkpoint(tiny_sd1_dir, i
             "train.max_steps=2", "train.batch_size=1", "sample.every_steps=0", "train.mixed_precision=no",
             f"output.dir={tmp_path / 'out'}", "output.name=my-style"]
     r = _cli(["-m", "app.cli", "train", "--config", str(ROOT / "presets" / "sd15-style.toml"),
-              *[a for s in sets for a in ("--set", s)]], timeout=600)
+              *[a for s in sets for a in ("--set", s)]], timeout=HANG_S)
     assert r.returncode == 0, r.stderr[-2000:]
     lora = tmp_path / "out" / "my-style" / "my-style.safetensors"
     meta = safe_open(str(lora), "pt").metadata()

@@ -9,6 +9,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["LORASTUDIO_NO_BAR"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per test process (and the trainers and servers it starts, which inherit this): CI runs two
+# pytest workers on two cores, and two 2-thread torch processes on two cores spin against each other (OpenMP's
+# busy wait), which made the slow tests 1.3-4x slower than alone. The tiny models gain nothing from a second
+# thread. A test that measures threading sets its own.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from pathlib import Path
 

@@ -79,7 +79,7 @@ def test_vae_keeps_content_under_shape_styles(toy_pipe):
 @pytest.mark.parametrize("position", ["start", "end"])
 def test_base_ignores_an_unseen_trigger_word(toy_pipe, position):
     from benchmarks.toyworld.pretrain import generate
-    ps = tw.prompts(120, seed=1, trigger="zxq style", position=position)
+    ps = tw.prompts(60, seed=1, trigger="zxq style", position=position)  # 4 of each pair; 200 in docs
     imgs = generate(toy_pipe, [p for p, _, _ in ps], seed=1, steps=20, guidance=5.0)
     r = tw.score_images(imgs, [(c, s) for _, c, s in ps])
     assert r["colour"] >= 0.95 and r["shape"] >= 0.9, r

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Iterable
 
 from .errors import DatasetError
 from .folder import Problem, caption_path, check_folder, is_image_file, read_caption, repeats_for, walk_files
@@ -133,6 +133,33 @@ def remove_tags_transform(tags: list[str]) -> Transform:
         kept = [t for t in split_tags(caption) if _norm_tag(t) not in drop]
         return caption if kept == split_tags(caption) else join_tags(kept)
     return fn
+
+
+def add_tags_transform(tags: Iterable[str]) -> Transform:
+    """Append the tags a caption lacks, in the order given (matched as remove_tags matches: case, '_' and spaces
+    alike); an empty caption becomes the tags. Each item may itself be a comma-separated list."""
+    add: list[str] = []
+    for t in (x for item in tags for x in split_tags(item)):
+        if _norm_tag(t) not in {_norm_tag(a) for a in add}:
+            add.append(t)
+    if not add:
+        raise DatasetError("no tags given to add", field="--add-tags")
+
+    def fn(caption: str) -> str:
+        have = {_norm_tag(t) for t in split_tags(caption)}
+        new = [t for t in add if _norm_tag(t) not in have]
+        return caption if not new else join_tags(split_tags(caption) + new)
+    return fn
+
+
+def caption_matches(caption: str, *, tags: Iterable[str] = (), text: str = "", name: str = "") -> bool:
+    """The caption carries every tag in ``tags`` (matched as remove_tags matches) and ``text`` occurs in the
+    caption or in the file's ``name`` (case-insensitive); empty criteria match everything."""
+    have = {_norm_tag(t) for t in split_tags(caption)}
+    if any(_norm_tag(t) not in have for t in tags if t.strip()):
+        return False
+    text = " ".join(text.lower().split())
+    return not text or text in " ".join(caption.lower().split()) or text in name.lower()
 
 
 def dedupe_transform() -> Transform:
@@ -319,9 +346,11 @@ def undo(root: str | os.PathLike) -> EditResult:
 
 
 def edit_captions(root: str | os.PathLike, transforms: list[Transform], *, operation: str,
-                  caption_extension: str = ".txt", create_missing: bool = False, dry_run: bool = False) -> EditResult:
+                  caption_extension: str = ".txt", create_missing: bool = False, dry_run: bool = False,
+                  only: Collection[str] | None = None) -> EditResult:
     """Run transforms over every image's caption (in order) and write the results as one undoable edit.
 
+    only: image paths relative to root (as ``a/b.png``) to edit; None edits every image.
     create_missing: images without a caption file get one when the transforms produce text from "".
     dry_run: report what would change, write nothing.
     Images the scan calls unusable (truncated, empty, not an image) are skipped, caption and all, and listed
@@ -333,7 +362,10 @@ def edit_captions(root: str | os.PathLike, transforms: list[Transform], *, opera
     unusable = unusable_files(root, caption_extension=caption_extension)
     texts: dict[Path, str] = {}
     skipped: list[Problem] = []
+    wanted = None if only is None else set(only)
     for img, cap in image_caption_pairs(root, caption_extension):
+        if wanted is not None and img.relative_to(root).as_posix() not in wanted:
+            continue
         bad = unusable.get(img.relative_to(root).as_posix())
         if bad is not None:
             skipped.append(bad)
@@ -374,9 +406,23 @@ def replace_text(root, find: str, repl: str, *, caption_extension: str = ".txt",
                          caption_extension=caption_extension, dry_run=dry_run)
 
 
-def remove_tags(root, tags: list[str], *, caption_extension: str = ".txt", dry_run: bool = False) -> EditResult:
-    return edit_captions(root, [remove_tags_transform(tags)], operation=f"remove tags {', '.join(tags)}",
-                         caption_extension=caption_extension, dry_run=dry_run)
+def remove_tags(root, tags: list[str], *, caption_extension: str = ".txt", dry_run: bool = False,
+                only: Collection[str] | None = None) -> EditResult:
+    return edit_captions(root, [remove_tags_transform(tags)],
+                         operation=f"remove tags {', '.join(tags)}" + _on(only),
+                         caption_extension=caption_extension, dry_run=dry_run, only=only)
+
+
+def add_tags(root, tags: list[str], *, caption_extension: str = ".txt", create_missing: bool = True,
+             dry_run: bool = False, only: Collection[str] | None = None) -> EditResult:
+    """Append tags to the captions that lack them (all images, or ``only`` these); images without captions get one."""
+    return edit_captions(root, [add_tags_transform(tags)], operation=f"add tags {', '.join(tags)}" + _on(only),
+                         caption_extension=caption_extension, create_missing=create_missing, dry_run=dry_run,
+                         only=only)
+
+
+def _on(only: Collection[str] | None) -> str:
+    return "" if only is None else f" on {len(set(only))} picture(s)"
 
 
 def dedupe_tags(root, *, caption_extension: str = ".txt", dry_run: bool = False) -> EditResult:

@@ -147,3 +147,37 @@ def test_edits_skip_what_the_scan_calls_unusable(tmp_path, edit):
     assert_names_every_unusable(res.summary())
     dry = C.add_prefix(root, "another", dry_run=True)
     assert sorted(dry.changed) == ["good_a.txt", "good_b.txt"] and len(dry.skipped) == len(UNUSABLE)
+
+
+# ---------------------------------------------------------------------------------------------- caption editor
+def test_add_and_remove_tags_on_a_selection_only(ds):
+    """The editor's bulk edit: only the chosen pictures change, missing captions are created, one undo each."""
+    before = _caps(ds)
+    res = C.add_tags(ds, ["Long Hair", "shiny"], only=["5_zxq/a.png", "5_zxq/c.png"])
+    caps = _caps(ds)
+    assert caps["5_zxq/a.txt"] == "1girl, long_hair, 1girl, smile, shiny"  # 'Long Hair' is long_hair already
+    assert caps["5_zxq/c.txt"] == "Long Hair, shiny"                      # created, undo deletes it again
+    assert caps["5_zxq/b.txt"] == before["5_zxq/b.txt"] and caps["d.txt"] == before["d.txt"]
+    assert res.created == ["5_zxq/c.txt"] and "on 2 picture(s)" in res.summary()
+    again = C.add_tags(ds, ["shiny"], only=["5_zxq/a.png"])
+    assert again.changed == [] and again.backup is None  # nothing to add: no backup, no undo step
+    C.remove_tags(ds, ["shiny"], only=["5_zxq/c.png"])
+    assert _caps(ds)["5_zxq/c.txt"] == "Long Hair" and "shiny" in _caps(ds)["5_zxq/a.txt"]
+    C.undo(ds)
+    assert _caps(ds) == caps
+    C.undo(ds)
+    assert _caps(ds) == before
+    assert C.add_tags(ds, ["x"], only=[]).changed == []  # an empty selection edits nothing (not everything)
+    with pytest.raises(DatasetError, match="no tags given to add"):
+        C.add_tags_transform([" , "])
+
+
+def test_caption_matches_tags_and_text():
+    cap = "zxq, Long_Hair, red square"
+    assert C.caption_matches(cap)
+    assert C.caption_matches(cap, tags=["long hair"]) and C.caption_matches(cap, tags=["RED SQUARE", "zxq"])
+    assert not C.caption_matches(cap, tags=["red"])  # a tag is a whole tag ...
+    assert C.caption_matches(cap, text="red")        # ... text is any part of the caption
+    assert C.caption_matches(cap, text="red  SQUARE") and not C.caption_matches(cap, text="blue")
+    assert C.caption_matches("", text="square_01", name="sub/red_square_01.png")  # or of the file name
+    assert not C.caption_matches(cap, tags=["zxq"], text="circle")

@@ -105,3 +105,14 @@ def check_masks(images: list[tuple[str, tuple[int, int]]], mask_dir: str | os.Pa
         if problem is not None:
             out.append(problem)
     return out
+
+
+#: The colour of what a mask leaves out in previews (the bucket contact sheet's tint).
+MASKED_OUT_TINT = (40, 90, 255)
+
+
+def tint_masked_out(img: Image.Image, mask: Image.Image, strength: float = 0.6) -> Image.Image:
+    """An RGB picture with what its mask (an 'L' image of the same size) leaves out tinted blue, grey in
+    between: what the masked loss ignores, at a glance."""
+    tinted = Image.blend(img, Image.new("RGB", img.size, MASKED_OUT_TINT), strength)
+    return Image.composite(img, tinted, mask)

@@ -26,6 +26,9 @@ from .folder import Problem, check_folder, collect_images, is_image_file
 
 #: The folder the masks go to, inside the dataset folder (``lorastudio masks DIR`` -> ``DIR/masks``).
 MASK_DIR_NAME = "masks"
+#: A hidden file in every mask folder this module writes: it says "these are masks, not pictures" to a folder
+#: walker (the mask tool itself never makes masks of the files of a folder holding it).
+MASK_MARKER = ".lorastudio_masks"
 MAX_GROW_PX = 128
 MAX_BLUR_PX = 64
 MAX_BATCH = 64
@@ -277,14 +280,14 @@ def mask_plan(root: Path, mask_dir: Path, *, overwrite: bool) -> tuple[list, Mas
     items, problems = collect_images(root)
     mdir = mask_dir.resolve()
     for p in problems:
-        if p.kind in _UNUSABLE and not Path(p.path).resolve().is_relative_to(mdir):
+        if p.kind in _UNUSABLE and not _is_mask_file(Path(p.path), mdir):
             rel = _rel(Path(p.path), root)
             run.skipped.append(Problem(rel, p.kind, f"{rel}: {p.message.split(': ', 1)[-1]}"))
     existing = mask_index(mask_dir) if mask_dir.is_dir() else {}
     seen: dict[str, str] = {}
     todo = []
     for it in items:
-        if Path(it.path).resolve().is_relative_to(mdir):
+        if _is_mask_file(Path(it.path), mdir):
             continue  # the masks themselves
         rel = _rel(Path(it.path), root)
         stem = Path(it.path).stem
@@ -298,6 +301,12 @@ def mask_plan(root: Path, mask_dir: Path, *, overwrite: bool) -> tuple[list, Mas
         else:
             todo.append(it)
     return todo, run
+
+
+def _is_mask_file(path: Path, mask_dir: Path) -> bool:
+    """A file of this run's mask folder, or of any folder this module has written masks to."""
+    path = path.resolve()
+    return path.is_relative_to(mask_dir) or (path.parent / MASK_MARKER).exists()
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -352,6 +361,10 @@ def make_masks(root: str | os.PathLike, *, prompts: Sequence[str] = (), model: s
         raise DatasetError(f"cannot create mask folder {out}: {e.strerror or e}", path=str(out)) from None
     if not os.access(out, os.W_OK):
         raise DatasetError(f"mask folder {out} is not writable", path=str(out), field="--out")
+    marker = out / MASK_MARKER
+    if not marker.exists():
+        from .captions import atomic_write_bytes
+        atomic_write_bytes(marker, b"Training masks made by lorastudio masks (white = train, black = ignore).\n")
 
     def skip(it, kind: str, why: str) -> None:
         rel = _rel(Path(it.path), root)
@@ -428,7 +441,7 @@ def mask_contact_sheet(root: str | os.PathLike, out_png: str | os.PathLike, *, m
         raise DatasetError(f"no mask folder {mdir}: make the masks first", path=str(mdir))
     items, _ = collect_images(root)
     m = mdir.resolve()
-    items = [it for it in items if not Path(it.path).resolve().is_relative_to(m)]
+    items = [it for it in items if not _is_mask_file(Path(it.path), m)]
     return contact_sheet(items, out_png, mask_dir=str(mdir), thumb_px=thumb_px, max_images=max_images)
 
 

@@ -10,7 +10,8 @@ import sys
 from trainer.errors import UserError
 
 # Each module registers its sub-commands with register(subparsers); set_defaults(func=...) runs them.
-_COMMAND_MODULES = ["app.cli.train", "app.cli.dataset", "app.cli.generate", "app.cli.ui", "app.cli.lora"]
+_COMMAND_MODULES = ["app.cli.train", "app.cli.dataset", "app.cli.generate", "app.cli.ui", "app.cli.lora",
+                    "app.cli.masks"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,14 +1,14 @@
 """The Dataset tab: scan a folder, caption it, edit captions, preview the trainer's buckets and crops.
 
 Everything is ``datasets_tools``; this module only lays it out and keeps what the page shows current: every
-change to the captions (captioning, an edited caption, a caption operation, undo) re-runs the scan, so the scan
-report never says "no caption file: 30" about captions that were just written. The bucket settings are the
+change to the captions (captioning, an edit in the caption editor, a caption operation, undo) re-runs the scan, so
+the scan report never says "no caption file: 30" about captions that were just written, and the caption editor
+(``app.ui.tabs.caption_editor``: the pictures, a page at a time, with their captions) shows the files again. The bucket settings are the
 Train form's own fields (reached through the registry), so the preview is what the trainer will do.
 """
 
 from __future__ import annotations
 
-import hashlib
 import html
 import re
 import time
@@ -23,9 +23,9 @@ from trainer.errors import UserError, first_line
 from app.ui.form import frame, guarded, resolve, value_from_form
 from app.ui.registry import Registry
 from app.ui.state import AppState
+from app.ui.tabs.dataset_masks import create_masks_section
+from app.ui.tabs.caption_editor import create_caption_editor, thumbnail  # noqa: F401 - thumbnail: the tab's cache
 
-MAX_GALLERY = 300      # dataset pictures shown at once (thumbnails)
-THUMB_PX = 192
 #: The Train form's fields that the scan and the bucket preview use, in the order of their handlers' arguments.
 BUCKET_KEYS = ("data.resolution", "data.min_bucket_px", "data.max_bucket_px", "data.bucket_step_px",
                "data.bucket_no_upscale", "data.enable_bucket", "train.batch_size", "data.caption_extension",
@@ -37,21 +37,6 @@ def gui_words(text: str) -> str:
     """datasets_tools' messages speak to the shell; on the page, point to the page's own buttons."""
     return re.sub(r"undo with `lorastudio captions DIR --undo`", "undo with the **Undo last edit** button below",
                   text)
-
-
-def thumbnail(state: AppState, path: Path) -> str:
-    """A cached small copy of a dataset picture (the browser never gets the original file)."""
-    from datasets_tools.images import load_rgb
-    st = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{st.st_mtime_ns}|{st.st_size}".encode()).hexdigest()[:24]
-    out = state.work / "thumbs" / f"{key}.jpg"
-    if not out.exists():
-        img = load_rgb(path, draft_px=THUMB_PX)
-        img.thumbnail((THUMB_PX, THUMB_PX))
-        tmp = out.with_suffix(".tmp.jpg")
-        img.save(tmp, quality=88)
-        tmp.replace(out)
-    return str(out)
 
 
 def dataset_items(folder: Path, ext: str) -> list[dict]:
@@ -66,17 +51,6 @@ def dataset_items(folder: Path, ext: str) -> list[dict]:
         items.append({"image": str(img), "caption_file": str(cap), "caption": text,
                       "rel": img.relative_to(folder).as_posix()})
     return items
-
-
-def gallery(state: AppState, items: list[dict]) -> list:
-    out = []
-    for it in items[:MAX_GALLERY]:
-        try:
-            thumb = thumbnail(state, Path(it["image"]))
-        except Exception:  # noqa: BLE001 - a broken picture: the scan report names it; the gallery leaves it out
-            continue
-        out.append((thumb, f"{it['rel']}: {it['caption'] or '(no caption)'}"))
-    return out
 
 
 def check_dataset_folder(folder: str) -> Path:
@@ -108,9 +82,8 @@ def scan(state: AppState, root: Path, s: dict, progress=None) -> tuple:
     items = dataset_items(root, s["data.caption_extension"])
     rows = [[p.path, p.kind, p.message] for p in sorted(report.problems, key=lambda p: (p.path, p.kind))]
     usable = len(report.usable_images())
-    more = f" (showing the first {MAX_GALLERY})" if len(items) > MAX_GALLERY else ""
     status = (f"Scanned `{root}` at {time.strftime('%H:%M:%S')}: {len(report.images)} picture(s), {usable} usable, "
-              f"{len(report.problems)} problem(s) in {report.elapsed_s:.1f} s{more}.")
+              f"{len(report.problems)} problem(s) in {report.elapsed_s:.1f} s.")
     json_path = report.write_json(state.work / "reports" / "scan-report.json")
     summary = report.summary(max_files=8).replace("(see the JSON report)", "(all of them: Download the JSON report)")
     return status, summary, frame(rows, list(PROBLEM_HEADERS)), str(json_path), items
@@ -139,24 +112,16 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
         use_btn = r("dataset.use", gr.Button("Use for training", size="md", scale=0, elem_id="ds-use"))
     status = r("dataset.status", gr.Markdown("", elem_id="ds-status"))
     with gr.Row():
-        with gr.Column(scale=3):
-            pics = r("dataset.gallery", gr.Gallery(
-                label="Pictures and captions (click one to edit its caption)", columns=6, height=360,
-                allow_preview=False, object_fit="contain", elem_id="ds-gallery"))
-            with gr.Row(equal_height=False):
-                selected = r("dataset.selected", gr.Textbox(label="Selected picture", interactive=False, scale=1,
-                                                            elem_id="ds-selected"))
-                caption = r("dataset.caption", gr.Textbox(label="Caption", scale=3, elem_id="ds-caption"))
-                save_cap = r("dataset.save_caption", gr.Button("Save caption", size="md", scale=0,
-                                                               elem_id="ds-save-caption"))
-            edit_status = r("dataset.edit_status", gr.Markdown("", elem_id="ds-edit-status"))
         with gr.Column(scale=2):
             summary = r("dataset.summary", gr.Code(label="Scan report (updated after every caption change)",
                                                    language=None, lines=10, elem_id="ds-summary", wrap_lines=True))
             report_btn = r("dataset.report", gr.DownloadButton("Download the JSON report", value=None,
                                                                interactive=False, size="sm", elem_id="ds-report"))
-    problems = r("dataset.problems", gr.Dataframe(headers=list(PROBLEM_HEADERS), label="Problems by file",
-                                                  interactive=False, elem_id="ds-problems", max_height=260))
+        with gr.Column(scale=3):
+            problems = r("dataset.problems", gr.Dataframe(headers=list(PROBLEM_HEADERS), label="Problems by file",
+                                                          interactive=False, elem_id="ds-problems", max_height=300))
+    with gr.Accordion("Pictures and captions (the caption editor)", open=True):
+        editor = create_caption_editor(state, reg)
     with gr.Accordion("Caption the pictures", open=True):
         with gr.Row(equal_height=False):
             cap_name = r("dataset.captioner", gr.Dropdown(
@@ -208,14 +173,8 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
         bp_sheet = r("dataset.contact_sheet", gr.Image(
             label="Contact sheet: kept area bright, yellow box = crop", type="filepath", interactive=False,
             elem_id="bp-sheet", height=420, buttons=[]))
+    create_masks_section(state, reg)  # the Masks accordion (app.ui.tabs.dataset_masks)
     items = r("dataset.items", gr.State([]))
-
-    def select(items_now, evt: gr.SelectData):
-        i = evt.index if isinstance(evt.index, int) else (evt.index[0] if evt.index else 0)
-        if not items_now or i >= len(items_now):
-            return gr.skip(), gr.skip()
-        return items_now[i]["rel"], items_now[i]["caption"]
-    pics.select(select, [items], [selected, caption], show_progress="hidden")
 
     # The rest reads the Train form's fields, built after this tab: wired once every tab exists.
     @reg.after_build
@@ -227,7 +186,10 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             st, text, probs, json_path, its = scan(state, root, s)
             return st, text, probs, gr.update(value=json_path, interactive=True), its
 
-        @guarded(7)
+        editor.wire(folder=folder, items=items, bucket_inputs=bucket_inputs, root_of=check_dataset_folder,
+                    settings=bucket_settings, rescan=rescan, rescan_outputs=rescan_outputs, words=gui_words)
+
+        @guarded(6)
         def on_scan(folder_now, res, min_px, max_px, step, no_up, enable, batch, ext, mask,
                     progress=gr.Progress()):
             # (explicit arguments: gradio hands gr.Progress only to a positional parameter)
@@ -236,10 +198,10 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             progress(0.0, desc="scanning ...")
             st, text, probs, json_path, its = scan(state, root, s, progress)
             state.remember_folder(str(root))
-            return (st, text, probs, gr.update(value=json_path, interactive=True), gallery(state, its), its,
+            return (st, text, probs, gr.update(value=json_path, interactive=True), its,
                     gr.update(choices=state.chosen, value=str(root)))
-        scan_btn.click(on_scan, [folder, *bucket_inputs],
-                       [status, summary, problems, report_btn, pics, items, folder])
+        editor.reload(scan_btn.click(on_scan, [folder, *bucket_inputs],
+                                     [status, summary, problems, report_btn, items, folder]))
 
         @guarded(2)
         def on_use_folder(folder_now):
@@ -247,23 +209,7 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             return f"data.dir (Image folder) in the Train tab is now `{root}`.", str(root)
         use_btn.click(on_use_folder, [folder], [status, reg.get("train.data.dir")])
 
-        @guarded(8)
-        def on_save_caption(folder_now, items_now, rel, text, *bucket):
-            from datasets_tools.captions import apply_caption_texts
-            root = check_dataset_folder(folder_now)
-            match = [it for it in items_now if it["rel"] == rel]
-            if not rel or not match:
-                raise UserError("click a picture in the gallery first, then edit its caption")
-            text = " ".join(str(text or "").split())
-            res = apply_caption_texts(root, {Path(match[0]["caption_file"]): text},
-                                      operation=f"edit caption of {rel}")
-            out = rescan(root, bucket_settings(*bucket))
-            return (gui_words(f"saved the caption of {rel} ({res.summary()})"), gallery(state, out[-1]),
-                    gr.skip(), *out)
-        save_cap.click(on_save_caption, [folder, items, selected, caption, *bucket_inputs],
-                       [edit_status, pics, caption, *rescan_outputs])
-
-        @guarded(7)
+        @guarded(6)
         def on_caption(folder_now, name, model, template, trigger, overwrite_caps, res, min_px, max_px, step, no_up,
                        enable, batch, ext, mask, progress=gr.Progress()):
             from datasets_tools.captioners import caption_folder, check_captioner_args, get_captioner
@@ -284,13 +230,12 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             text = run.summary()
             if run.backup:
                 text += "; undo with the **Undo last edit** button below"
-            out = rescan(root, s)
-            return (text, gallery(state, out[-1]), *out)
-        cap_btn.click(on_caption, [folder, cap_name, cap_model, cap_template, cap_trigger, cap_overwrite,
-                                   *bucket_inputs], [cap_status, pics, *rescan_outputs])
+            return (text, *rescan(root, s))
+        editor.reload(cap_btn.click(on_caption, [folder, cap_name, cap_model, cap_template, cap_trigger,
+                                                 cap_overwrite, *bucket_inputs], [cap_status, *rescan_outputs]))
 
         def caption_op(kind):
-            @guarded(8)
+            @guarded(7)
             def run(folder_now, prefix, find, repl, remove, *bucket):
                 from datasets_tools import captions as CAP
                 root = check_dataset_folder(folder_now)
@@ -314,15 +259,15 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
                 elif kind == "undo":
                     res = CAP.undo(root)
                 else:
-                    return (f"tag frequency of `{root}`", tag_table(root, ext), *[gr.skip()] * 6)
-                out = rescan(root, s)
-                return (gui_words(res.summary()), tag_table(root, ext), gallery(state, out[-1]), *out)
+                    return (f"tag frequency of `{root}`", tag_table(root, ext), *[gr.skip()] * 5)
+                return (gui_words(res.summary()), tag_table(root, ext), *rescan(root, s))
             return run
         op_inputs = [folder, op_prefix, op_find, op_repl, op_remove, *bucket_inputs]
-        op_outputs = [op_status, op_tags, pics, *rescan_outputs]
+        op_outputs = [op_status, op_tags, *rescan_outputs]
         for btn, kind in ((op_prefix_btn, "prefix"), (op_replace_btn, "replace"), (op_remove_btn, "remove"),
-                          (op_dedupe_btn, "dedupe"), (op_undo_btn, "undo"), (op_stats_btn, "stats")):
-            btn.click(caption_op(kind), op_inputs, op_outputs)
+                          (op_dedupe_btn, "dedupe"), (op_undo_btn, "undo")):
+            editor.reload(btn.click(caption_op(kind), op_inputs, op_outputs))
+        op_stats_btn.click(caption_op("stats"), op_inputs, op_outputs)
 
         @guarded(4)
         def on_preview(folder_now, *bucket):

@@ -158,7 +158,7 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     page.locator("#ds-scan").click()
     expect(page.locator("#ds-status")).to_contain_text("30 picture(s), 30 usable", timeout=HANG_MS)
     expect(page.locator("#ds-problems")).to_contain_text("missing_caption")  # no captions yet, by file
-    expect(page.locator("#ds-gallery")).to_contain_text("(no caption)")
+    expect(page.locator("#ce-grid")).to_contain_text("(no caption)")  # the caption editor's pictures
     expect(page.locator("#ds-summary")).to_contain_text("no caption file: 30")
     # the whole report, which the summary points to, is a download
     with page.expect_download() as dl:
@@ -169,21 +169,20 @@ def test_scan_caption_edit_and_bucket_preview(page, server):
     fill(page, "cap-trigger", "zxq")
     page.locator("#cap-run").click()
     expect(page.locator("#cap-status")).to_contain_text("captioned 30 image(s)", timeout=HANG_MS)
-    expect(page.locator("#ds-gallery")).to_contain_text("zxq, red square")
+    expect(page.locator("#ce-cap-0 textarea")).to_have_value("zxq, blue circle")  # the editor shows the new files
     # the scan report follows the captions: it is re-run, not left saying "no caption file: 30"
     expect(page.locator("#ds-summary")).not_to_contain_text("no caption file")
     expect(page.locator("#ds-problems")).not_to_contain_text("missing_caption")
     images = Path(page.locator("#ds-folder input").input_value())
     assert (images / "red_square_00.txt").read_text(encoding="utf-8").strip() == "zxq, red square"
 
-    # edit one caption in place
-    page.locator("#ds-gallery .thumbnail-item").first.click()  # pictures are sorted by name
-    expect(page.locator("#ds-selected textarea")).to_have_value("blue_circle_02.png")
-    expect(page.locator("#ds-caption textarea")).to_have_value("zxq, blue circle")
-    fill(page, "ds-caption", "zxq, blue circle, striped")
-    page.locator("#ds-save-caption").click()
-    expect(page.locator("#ds-edit-status")).to_contain_text("saved the caption of blue_circle_02.png")
-    expect(page.locator("#ds-gallery")).to_contain_text("zxq, blue circle, striped")
+    # edit one caption in place (the caption editor: tests/app/ui/test_browser_caption_editor.py)
+    expect(page.locator("#ce-pick-0")).to_contain_text("blue_circle_02.png")  # pictures are sorted by name
+    expect(page.locator("#ce-cap-0 textarea")).to_have_value("zxq, blue circle")
+    fill(page, "ce-cap-0", "zxq, blue circle, striped")
+    page.locator("#ce-save").click()
+    expect(page.locator("#ce-status")).to_contain_text("saved the caption of blue_circle_02.png")
+    expect(page.locator("#ce-cap-0 textarea")).to_have_value("zxq, blue circle, striped")
     assert (images / "blue_circle_02.txt").read_text(encoding="utf-8").strip() == "zxq, blue circle, striped"
 
     # caption operations: find/replace, tag stats, undo

@@ -195,8 +195,12 @@ class ClipSegMasker:
             try:
                 config = transformers.AutoConfig.from_pretrained(model)
             except Exception as e:  # noqa: BLE001 - any failure here means "not a model folder / id"
-                raise DatasetError(f"{model} is not a CLIPSeg model folder or hub id (no readable transformers "
-                                   f"config: {first_line(e)})", path=model, field="--model") from None
+                if os.path.exists(model):
+                    raise DatasetError(f"{model} is not a CLIPSeg model folder or hub id (no readable transformers "
+                                       f"config: {first_line(e)})", path=model, field="--model") from None
+                raise DatasetError(f"cannot fetch the CLIPSeg model {model} from the hub (offline, or no such "
+                                   f"id; a local folder works offline): {first_line(e)}", path=model,
+                                   field="--model") from None
             kind = getattr(config, "model_type", "")
             if kind != "clipseg":
                 raise DatasetError(f"{model} is a '{kind}' model, not CLIPSeg (e.g. CIDAS/clipseg-rd64-refined)",
@@ -280,14 +284,14 @@ def mask_plan(root: Path, mask_dir: Path, *, overwrite: bool) -> tuple[list, Mas
     items, problems = collect_images(root)
     mdir = mask_dir.resolve()
     for p in problems:
-        if p.kind in _UNUSABLE and not _is_mask_file(Path(p.path), mdir):
+        if p.kind in _UNUSABLE and not is_mask_file(Path(p.path), mdir):
             rel = _rel(Path(p.path), root)
             run.skipped.append(Problem(rel, p.kind, f"{rel}: {p.message.split(': ', 1)[-1]}"))
     existing = mask_index(mask_dir) if mask_dir.is_dir() else {}
     seen: dict[str, str] = {}
     todo = []
     for it in items:
-        if _is_mask_file(Path(it.path), mdir):
+        if is_mask_file(Path(it.path), mdir):
             continue  # the masks themselves
         rel = _rel(Path(it.path), root)
         stem = Path(it.path).stem
@@ -303,7 +307,7 @@ def mask_plan(root: Path, mask_dir: Path, *, overwrite: bool) -> tuple[list, Mas
     return todo, run
 
 
-def _is_mask_file(path: Path, mask_dir: Path) -> bool:
+def is_mask_file(path: Path, mask_dir: Path) -> bool:
     """A file of this run's mask folder, or of any folder this module has written masks to."""
     path = path.resolve()
     return path.is_relative_to(mask_dir) or (path.parent / MASK_MARKER).exists()
@@ -441,7 +445,7 @@ def mask_contact_sheet(root: str | os.PathLike, out_png: str | os.PathLike, *, m
         raise DatasetError(f"no mask folder {mdir}: make the masks first", path=str(mdir))
     items, _ = collect_images(root)
     m = mdir.resolve()
-    items = [it for it in items if not _is_mask_file(Path(it.path), m)]
+    items = [it for it in items if not is_mask_file(Path(it.path), m)]
     return contact_sheet(items, out_png, mask_dir=str(mdir), thumb_px=thumb_px, max_images=max_images)
 
 

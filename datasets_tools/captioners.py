@@ -1,12 +1,16 @@
-"""Captioners behind one interface (template, transformers image-to-text, WD14 ONNX tagger) and caption_folder.
+"""Captioners behind one interface (template, transformers image-to-text, WD14 ONNX tagger, Florence-2, chat
+vision-language models) and caption_folder.
 
-The captioners are described once, in ``REGISTRY`` (name -> help, aliases, whether a model is needed):
-``lorastudio prepare --captioner`` takes its choices and help from it and the web app its dropdown
-(``CAPTIONERS``, the names in order), so a captioner added here appears in both."""
+The captioners are described once, in ``REGISTRY`` (name -> help, aliases, whether a model is needed, the options
+it takes): ``lorastudio prepare --captioner`` takes its choices, help and options from it and the web app its
+dropdown (``CAPTIONERS``, the names in order), so a captioner added here appears in both. The Florence-2 and chat
+VLM classes live in ``datasets_tools.vlm``."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import os
 import re
 import sys
@@ -16,7 +20,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .captions import CaptionWriter, image_caption_pairs, prefix_transform
+from .captions import BACKUP_DIR, CaptionWriter, atomic_write_text, image_caption_pairs, prefix_transform
 from .errors import DatasetError, first_line
 from .folder import Problem, check_folder, repeats_for
 from .images import ImageError, load_rgb
@@ -28,21 +32,60 @@ class CaptionerInfo:
     help: str
     aliases: tuple[str, ...] = ()
     needs_model: bool = True
+    #: The keyword options ``get_captioner`` passes on to this captioner (the CLI passes exactly these).
+    options: tuple[str, ...] = ()
 
 
+_HF = ("device", "dtype", "max_new_tokens", "num_beams")
 REGISTRY: dict[str, CaptionerInfo] = {c.name: c for c in (
     CaptionerInfo("template", "offline captions from a template over {trigger}, {name} (file name) and {folder}",
-                  needs_model=False),
+                  needs_model=False, options=("template", "trigger", "root")),
     CaptionerInfo("blip", "any transformers image-to-text model (BLIP, BLIP-2, GIT, ...): a folder or hub id",
-                  aliases=("blip2", "git", "transformers")),
+                  aliases=("blip2", "git", "transformers"), options=_HF + ("prompt",)),
     CaptionerInfo("wd14", "a WD14 booru tagger (model.onnx + selected_tags.csv): a folder, .onnx file or hub id",
-                  aliases=("wd", "tagger")),
+                  aliases=("wd", "tagger"),
+                  options=("general_threshold", "character_threshold", "blacklist", "underscores_to_spaces",
+                           "include_rating", "device")),
+    CaptionerInfo("florence2", "Florence-2 sentences from a task prompt (<CAPTION>, <DETAILED_CAPTION>, "
+                               "<MORE_DETAILED_CAPTION>): a folder or hub id",
+                  aliases=("florence", "florence-2"), options=_HF + ("task", "max_words")),
+    CaptionerInfo("vlm", "a chat vision-language model (Qwen2.5-VL, Qwen3-VL, SmolVLM, Idefics3, LLaVA, "
+                         "JoyCaption, ...) answering an instruction: a folder or hub id",
+                  aliases=("chat-vlm", "qwen-vl", "qwen2.5-vl", "qwen3-vl", "smolvlm", "idefics3", "llava",
+                           "joycaption"), options=_HF + ("prompt", "max_words")),
 )}
 #: The captioner names, in menu order (``choices=list(CAPTIONERS)``; ``CAPTIONERS[0]`` is the default).
 CAPTIONERS: tuple[str, ...] = tuple(REGISTRY)
-#: Where a captioner model runs.
+#: Where a captioner model runs, and in which precision ('auto': float32 on CPU, bfloat16/float16 on a GPU).
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: Florence-2's caption task prompts, shortest answer first, and the one used by default.
+FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+DEFAULT_FLORENCE_TASK = "<DETAILED_CAPTION>"
+#: What a chat VLM is asked by default, and the longest caption kept (words; 0: no cap).
+DEFAULT_INSTRUCTION = ("Write one paragraph describing this image for an image-generation training caption: the "
+                       "subject, the art style and the medium. Describe only what is visible; do not begin with "
+                       "'The image shows' or 'This image depicts'.")
+DEFAULT_MAX_WORDS = 120
 Progress = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' notes and weight-loading bars off while a captioner loads or generates (they would bury our
+    own progress bar and one-line errors); the previous settings come back afterwards."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def captioner_name(name: str | None) -> str:
@@ -66,6 +109,11 @@ class Captioner:
 
     def describe(self) -> str:
         return f"{self.name} on {self.device}"
+
+    @property
+    def run_key(self) -> str:
+        """What makes two runs the same run (an interrupted --overwrite run resumes only under the same key)."""
+        return self.describe()
 
 
 def _looks_like_path(model: str) -> bool:
@@ -150,12 +198,7 @@ class TransformersCaptioner(Captioner):
         import transformers
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-        verbosity = transformers.logging.get_verbosity()
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        # The torchvision-fallback notes and the weight-loading bar would bury our own progress bar.
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-        try:
+        with quiet_transformers():
             try:
                 config = transformers.AutoConfig.from_pretrained(model)
             except Exception as e:
@@ -177,10 +220,6 @@ class TransformersCaptioner(Captioner):
             except Exception as e:
                 raise DatasetError(f"cannot load captioner {model}: {first_line(e)}", path=model,
                                    field="--model") from None
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
         self.model.to(self.device).eval()
         self.dtype = torch_dtype
         self.model_id = model
@@ -196,7 +235,7 @@ class TransformersCaptioner(Captioner):
         inputs = self.processor(**kwargs)
         inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                   for k, v in inputs.items() if hasattr(v, "to")}
-        with torch.inference_mode():
+        with torch.inference_mode(), quiet_transformers():
             out = self.model.generate(**inputs, **self.generate_kwargs)
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         result = []
@@ -210,6 +249,10 @@ class TransformersCaptioner(Captioner):
 
     def describe(self) -> str:
         return f"{type(self.model).__name__} ({self.model_id}) on {self.device}"
+
+    @property
+    def run_key(self) -> str:
+        return f"{self.name} {self.model_id} {self.prompt} {self.generate_kwargs}"
 
 
 # ----------------------------------------------------------------------------------------------- WD14 tagger
@@ -389,26 +432,49 @@ def check_captioner_args(name: str, model: str | None) -> None:
         if p.exists():
             _resolve_wd14_files(model)
     elif p.is_dir() and not (p / "config.json").is_file():
+        if any(p.glob("*.onnx")) or (p / "selected_tags.csv").is_file():
+            raise DatasetError(f"{model} is a WD14 tagger folder (model.onnx), not a transformers model: use "
+                               f"--captioner wd14", path=model, field="--model")
         raise DatasetError(f"{model} is not a transformers model folder (no config.json)", path=model,
                            field="--model")
 
 
+def captioner_options(name: str, **opts) -> dict:
+    """The options among ``opts`` that captioner ``name`` takes (its ``CaptionerInfo.options``), None dropped:
+    front-ends pass every option they have and this picks, so no front-end lists which captioner takes what."""
+    allowed = REGISTRY[captioner_name(name)].options
+    return {k: v for k, v in opts.items() if k in allowed and v is not None}
+
+
 def get_captioner(name: str, model: str | None = None, **opts) -> Captioner:
-    """Captioner by name: 'template' (offline), 'blip' (transformers image-to-text), 'wd14' (ONNX tagger)."""
+    """Captioner by name: 'template' (offline), 'blip' (transformers image-to-text), 'wd14' (ONNX tagger),
+    'florence2' (Florence-2 task prompts), 'vlm' (chat vision-language models; a Florence-2 folder works too)."""
     kind = captioner_name(name)
     if kind == "template":
         return TemplateCaptioner(**opts)
     if kind == "blip":
         return TransformersCaptioner(model, **opts)
-    return WD14Captioner(model, **opts)
+    if kind == "wd14":
+        return WD14Captioner(model, **opts)
+    from .vlm import Florence2Captioner, vlm_captioner
+
+    if kind == "florence2":
+        return Florence2Captioner(model, **opts)
+    return vlm_captioner(model, **opts)
 
 
 # ----------------------------------------------------------------------------------------------- folder
+#: An interrupted --overwrite run's progress (which captions it already wrote), so a rerun continues there.
+PROGRESS_FILE = "caption-progress.json"
+
+
 @dataclass
 class CaptionRun:
     written: list[str] = field(default_factory=list)  # caption files written (relative to root)
     kept: list[str] = field(default_factory=list)  # existing captions left alone (no overwrite)
     skipped: list[Problem] = field(default_factory=list)  # unusable images (the scan's verdict): no caption
+    not_captioned: list[Problem] = field(default_factory=list)  # the model could not read it, or answered nothing
+    resumed: list[str] = field(default_factory=list)  # written by the interrupted run this one continued
     backup: str | None = None
 
     @property
@@ -420,10 +486,15 @@ class CaptionRun:
         from .scan import describe_skipped  # numpy: not at import time (the CLI imports the registry above)
 
         text = f"captioned {len(self.written)} image(s), kept {len(self.kept)} existing caption(s)"
+        if self.resumed:
+            text += f" (continued an interrupted run: {len(self.resumed)} were captioned by it)"
         if self.backup:
             text += f"; backup: {self.backup}"
         if self.skipped:
             text += "; " + describe_skipped(self.skipped)
+        if self.not_captioned:
+            text += f"; {len(self.not_captioned)} not captioned (no file written): " + ", ".join(
+                p.path for p in self.not_captioned[:10]) + (" ..." if len(self.not_captioned) > 10 else "")
         return text
 
 
@@ -450,22 +521,102 @@ def caption_todo(root: str | os.PathLike, *, overwrite: bool = False, caption_ex
     return todo, run
 
 
+class _Progress:
+    """The progress file of an --overwrite run: {key, done}; rewritten atomically after every batch, removed
+    when the run completes. Only a run with the same key (captioner, model, prompt, trigger) resumes from it."""
+
+    def __init__(self, root: Path, key: str):
+        self.path = root / BACKUP_DIR / PROGRESS_FILE
+        self.key = key
+        self.done: list[str] = []
+
+    def previous(self) -> set[str]:
+        try:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            return set()
+        self.done = [d for d in state.get("done", []) if isinstance(d, str)]
+        return set(self.done)
+
+    def add(self, rels: list[str]) -> None:
+        self.done.extend(rels)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "done": self.done}, ensure_ascii=False))
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _caption_one_by_one(captioner: Captioner, images, paths) -> list[str | Exception]:
+    out: list[str | Exception] = []
+    for im, p in zip(images or [None] * len(paths), paths):
+        try:
+            out.extend(captioner.caption_batch([im] if im is not None else [], [p]))
+        except DatasetError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the library's own error names the image's problem
+            out.append(e)
+    return out
+
+
+def _caption_chunk(captioner: Captioner, images, paths) -> list[str | Exception]:
+    """Captions for a batch, or per image the error it raised. A DatasetError is the model's problem, not the
+    image's: it stops the run. A batch that fails is retried image by image, so one picture the model cannot
+    read costs only its own caption; every image failing the same way is the model's problem too."""
+    try:
+        texts = captioner.caption_batch(images, paths)
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if len(paths) == 1:
+            return [e]
+        texts = _caption_one_by_one(captioner, images, paths)
+        errors = {first_line(t) for t in texts if isinstance(t, Exception)}
+        if len(errors) == 1 and all(isinstance(t, Exception) for t in texts):
+            raise DatasetError(f"captioner {captioner.describe()} failed on every image of a batch: "
+                               f"{errors.pop()}", field="--model") from None
+        return texts
+    if len(texts) != len(paths):
+        raise DatasetError(f"captioner {captioner.name} returned {len(texts)} captions for {len(paths)} images")
+    return list(texts)
+
+
 def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: str | None = None,
                    overwrite: bool = False, batch_size: int = 8, progress: Progress | None = None,
-                   caption_extension: str = ".txt", unusable: dict[str, Problem] | None = None) -> CaptionRun:
+                   caption_extension: str = ".txt", unusable: dict[str, Problem] | None = None,
+                   resume: bool = True) -> CaptionRun:
     """Caption every usable image under root that has no caption (all of them with overwrite).
 
     Images the scan calls unusable (truncated, empty, not an image, unreadable) get no caption and are listed
-    in the run's ``skipped`` (and its summary). Written batch by batch (a crash keeps finished batches),
-    atomically, under one backup so one undo reverts the run. The trigger goes first in each caption.
+    in the run's ``skipped`` (and its summary). An image the model cannot read, or one it answers with nothing,
+    gets no caption file either and is listed in ``not_captioned`` with the reason; the rest are captioned.
+    Captions are written batch by batch as they finish (an interrupted run keeps them), atomically, under one
+    backup so one undo reverts the run. Rerunning an interrupted run continues where it stopped: without
+    overwrite the captions it wrote are kept like any others; with overwrite (and ``resume``) the progress file
+    of the same run tells which images it already did. The trigger goes first in each caption.
     ``progress(done, total)`` replaces the terminal progress bar (the GUI passes one).
     """
     root = check_folder(root).resolve()
     if batch_size < 1:
-        raise DatasetError(f"batch size must be at least 1, got {batch_size}", field="--batch-size")
+        raise DatasetError(f"batch size must be at least 1, got {batch_size}", field="--caption-batch-size")
     if isinstance(captioner, TemplateCaptioner) and captioner.root is None:
         captioner.root = root  # {folder} then means the dataset sub-set ('10_zxq' -> 'zxq'), as in the CLI
     todo, run = caption_todo(root, overwrite=overwrite, caption_extension=caption_extension, unusable=unusable)
+    state = _Progress(root, f"{captioner.run_key} | trigger={trigger or ''} | {caption_extension}") \
+        if overwrite else None
+    if state is not None and resume:
+        already = state.previous()
+        left = []
+        for img, cap in todo:
+            rel = cap.relative_to(root).as_posix()
+            if rel in already and cap.exists():
+                run.resumed.append(rel)
+            else:
+                left.append((img, cap))
+        todo = left
     writer = CaptionWriter(root, operation=f"caption with {captioner.name}")
     writer.check({cap.parent for _, cap in todo})  # fail on a read-only folder before the slow part
     add_trigger = prefix_transform(trigger) if trigger and trigger.strip() else None
@@ -474,7 +625,7 @@ def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: st
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc=f"captioning ({captioner.name})", unit="img", file=sys.stderr,
-                   disable=None)  # disable=None: no bar when stderr is not a terminal
+                   disable=None)  # disable=None: no bar when stderr is not a terminal; it shows rate and ETA
     done = 0
     try:
         for start in range(0, len(todo), batch_size):
@@ -490,15 +641,24 @@ def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: st
                         continue
                 paths.append(img)
                 caps.append(cap)
-            texts = captioner.caption_batch(images, paths) if paths else []
-            if len(texts) != len(paths):
-                raise DatasetError(f"captioner {captioner.name} returned {len(texts)} captions for {len(paths)} "
-                                   f"images")
+            texts = _caption_chunk(captioner, images, paths) if paths else []
             out = {}
-            for cap, text in zip(caps, texts):
+            for img, cap, text in zip(paths, caps, texts):
+                rel = img.relative_to(root).as_posix()
+                if isinstance(text, Exception):
+                    run.not_captioned.append(Problem(rel, "caption_failed", f"{rel}: {captioner.name} could not "
+                                                                             f"read it: {first_line(text)}"))
+                    continue
                 text = " ".join(text.split())
+                if not text:
+                    run.not_captioned.append(Problem(rel, "empty_caption", f"{rel}: {captioner.name} answered "
+                                                                           f"with an empty caption"))
+                    continue
                 out[cap] = add_trigger(text) if add_trigger else text
-            run.written.extend(writer.write(out))
+            written = writer.write(out)
+            run.written.extend(written)
+            if state is not None and out:
+                state.add(sorted(cap.relative_to(root).as_posix() for cap in out))
             done += len(chunk)
             if bar is not None:
                 bar.update(len(chunk))
@@ -507,5 +667,7 @@ def caption_folder(root: str | os.PathLike, captioner: Captioner, *, trigger: st
     finally:
         if bar is not None:
             bar.close()
+    if state is not None:
+        state.finish()
     run.backup = writer.result.backup
     return run

@@ -62,6 +62,14 @@ DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 #: Florence-2's caption task prompts, shortest answer first, and the one used by default.
 FLORENCE_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 DEFAULT_FLORENCE_TASK = "<DETAILED_CAPTION>"
+
+
+def florence_task(name: str) -> str:
+    """'more detailed caption', 'DETAILED_CAPTION' or '<CAPTION>' -> the task prompt ('<...>', upper case)."""
+    core = "_".join(str(name).strip().strip("<>").replace("-", " ").upper().split())
+    return f"<{core}>"
+
+
 #: What a chat VLM is asked by default, and the longest caption kept (words; 0: no cap).
 DEFAULT_INSTRUCTION = ("Write one paragraph describing this image for an image-generation training caption: the "
                        "subject, the art style and the medium. Describe only what is visible; do not begin with "

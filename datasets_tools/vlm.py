@@ -20,7 +20,7 @@ import unicodedata
 from pathlib import Path
 
 from .captioners import (DEFAULT_FLORENCE_TASK, DEFAULT_INSTRUCTION, DEFAULT_MAX_WORDS, FLORENCE_TASKS, Captioner,
-                         _check_model_path, _pick_device, quiet_transformers)
+                         _check_model_path, florence_task, _pick_device, quiet_transformers)
 from .errors import DatasetError, first_line
 
 # --------------------------------------------------------------------------------------------- answer clean-up
@@ -199,9 +199,7 @@ class Florence2Captioner(_VLMBase):
 
     def __init__(self, model: str, *, task: str = DEFAULT_FLORENCE_TASK, device: str = "auto", dtype: str = "auto",
                  max_new_tokens: int = 256, num_beams: int = 3, max_words: int = DEFAULT_MAX_WORDS):
-        task = (task or DEFAULT_FLORENCE_TASK).strip().upper()
-        if not task.startswith("<"):
-            task = f"<{task}>"
+        task = florence_task(task or DEFAULT_FLORENCE_TASK)
         if task not in FLORENCE_TASKS:
             raise DatasetError(f"Florence-2 task '{task}' is not a caption task; choose one of "
                                f"{', '.join(FLORENCE_TASKS)}", field="--task")

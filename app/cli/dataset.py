@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from app.cli.flags import add_field_flag
-from datasets_tools.captioners import CAPTIONERS, DEVICE_CHOICES, REGISTRY
+from datasets_tools.captioners import (CAPTIONERS, DEFAULT_FLORENCE_TASK, DEFAULT_INSTRUCTION, DEFAULT_MAX_WORDS,
+                                       DEVICE_CHOICES, DTYPE_CHOICES, FLORENCE_TASKS, REGISTRY, captioner_name,
+                                       florence_task)
 from trainer.config import FIELDS
 
 
@@ -28,27 +30,50 @@ def _add_scan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-decode", action="store_true", help="decode every image to find all truncated files")
 
 
+def _takes(option: str) -> str:
+    """'blip, florence2, vlm': the captioners that take an option, from the registry."""
+    return ", ".join(n for n in CAPTIONERS if option in REGISTRY[n].options)
+
+
 def register(sub) -> None:
     p = sub.add_parser("prepare", help="scan a dataset folder, caption it, and report buckets and problems",
                        description="Scan DIR (nothing is moved or deleted), optionally caption images that have "
                                    "no caption, and report problems, buckets and crops.")
     _add_scan_args(p)
     c = p.add_argument_group("captioning")
-    c.add_argument("--captioner", choices=CAPTIONERS,
+    c.add_argument("--captioner", choices=CAPTIONERS, type=captioner_name,  # aliases ('joycaption') welcome
                    help="caption images without a caption file (all of them with --overwrite); "
                         + "; ".join(f"{c.name}: {c.help}" for c in REGISTRY.values()).replace("%", "%%"))
-    c.add_argument("--model", help="captioner model: a local folder/file or a hub id (blip, wd14)")
+    c.add_argument("--model", help="captioner model: a local folder/file or a hub id (every captioner but template; "
+                                   "a local folder loads offline)")
     c.add_argument("--trigger", help="trigger word put first in every new caption")
-    c.add_argument("--overwrite", action="store_true", help="replace existing captions (they are backed up)")
-    c.add_argument("--caption-batch-size", type=int, default=8, help="images per captioner batch")
+    c.add_argument("--overwrite", action="store_true", help="replace existing captions (they are backed up; "
+                                                            "`lorastudio captions DIR --undo` reverts)")
+    c.add_argument("--restart", action="store_true",
+                   help="with --overwrite: start over instead of continuing an interrupted run of the same command")
+    c.add_argument("--caption-batch-size", type=int, default=8,
+                   help="images per captioner batch (--batch-size is the training batch the scan checks)")
+    c.add_argument("--device", default=DEVICE_CHOICES[0], choices=DEVICE_CHOICES, help="captioner device")
+    c.add_argument("--dtype", default=DTYPE_CHOICES[0], choices=DTYPE_CHOICES,
+                   help=f"{_takes('dtype')}: captioner precision; auto: float32 on CPU, bfloat16 or float16 on "
+                        "a GPU")
     c.add_argument("--template", default="{name}", help="template captioner: {trigger}, {name}, {folder}")
     c.add_argument("--general-threshold", type=float, default=0.35, help="wd14: general tag threshold")
     c.add_argument("--character-threshold", type=float, default=0.85, help="wd14: character tag threshold")
     c.add_argument("--blacklist", default="", help="wd14: comma-separated tags never written")
     c.add_argument("--keep-underscores", action="store_true", help="wd14: keep booru underscores in tags")
-    c.add_argument("--prompt", help="blip: text prompt for conditional captioning")
-    c.add_argument("--max-new-tokens", type=int, default=40, help="blip: caption length limit")
-    c.add_argument("--device", default=DEVICE_CHOICES[0], choices=DEVICE_CHOICES, help="captioner device")
+    c.add_argument("--prompt", "--instruction", dest="prompt",
+                   help=f"{_takes('prompt')}: the instruction a chat VLM is asked about each picture (default: "
+                        f"\"{DEFAULT_INSTRUCTION}\"), or the text an image-to-text model continues".replace("%", "%%"))
+    c.add_argument("--task", type=florence_task, default=DEFAULT_FLORENCE_TASK, choices=FLORENCE_TASKS,
+                   help=f"{_takes('task')}: the caption task prompt (also without brackets: "
+                        f"{', '.join(t.strip('<>').lower() for t in FLORENCE_TASKS)})")
+    c.add_argument("--max-new-tokens", type=int,
+                   help=f"{_takes('max_new_tokens')}: longest answer in tokens (default: the captioner's own)")
+    c.add_argument("--num-beams", type=int, help=f"{_takes('num_beams')}: beam-search width (default: the "
+                                                 f"captioner's own); decoding is deterministic (no sampling)")
+    c.add_argument("--max-words", type=int, default=DEFAULT_MAX_WORDS,
+                   help=f"{_takes('max_words')}: longest caption kept, in words (cut at a sentence end); 0: no cap")
     p.set_defaults(func=_prepare)
 
     s = sub.add_parser("scan", help="scan a dataset folder and report buckets and problems (read-only)")
@@ -133,7 +158,8 @@ def _prepare(args) -> int:
 
 
 def _caption(args, root: Path) -> None:
-    from datasets_tools.captioners import caption_folder, caption_todo, check_captioner_args, get_captioner
+    from datasets_tools.captioners import (caption_folder, caption_todo, captioner_options, check_captioner_args,
+                                           get_captioner)
     from datasets_tools.captions import ensure_writable
     from datasets_tools.scan import describe_skipped, unusable_files
 
@@ -148,20 +174,26 @@ def _caption(args, root: Path) -> None:
         return
     # A read-only folder must fail now, not after minutes of model loading and captioning.
     ensure_writable({c.parent for _, c in todo} | {root})
-    if args.captioner == "template":
-        cap = get_captioner("template", template=args.template, trigger=args.trigger, root=root)
-    elif args.captioner == "wd14":
-        cap = get_captioner("wd14", model=args.model, general_threshold=args.general_threshold,
-                            character_threshold=args.character_threshold,
-                            blacklist=[t for t in args.blacklist.split(",") if t.strip()],
-                            underscores_to_spaces=not args.keep_underscores, device=args.device)
-    else:
-        cap = get_captioner("blip", model=args.model, prompt=args.prompt, max_new_tokens=args.max_new_tokens,
-                            device=args.device)
+    # Every option goes in; the registry says which ones this captioner takes (no list of names here).
+    opts = captioner_options(
+        args.captioner, template=args.template, trigger=args.trigger, root=root, device=args.device,
+        dtype=args.dtype, general_threshold=args.general_threshold, character_threshold=args.character_threshold,
+        blacklist=[t for t in args.blacklist.split(",") if t.strip()], underscores_to_spaces=not args.keep_underscores,
+        prompt=args.prompt, task=args.task, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        max_words=args.max_words)
+    model = args.model if REGISTRY[args.captioner].needs_model else None
+    cap = get_captioner(args.captioner, model=model, **opts)
     print(f"captioning {len(todo)} image(s) with {cap.describe()}", file=sys.stderr)
-    run = caption_folder(root, cap, trigger=args.trigger, overwrite=args.overwrite,
-                         batch_size=args.caption_batch_size, caption_extension=args.caption_extension,
-                         unusable=unusable)
+    try:
+        run = caption_folder(root, cap, trigger=args.trigger, overwrite=args.overwrite,
+                             batch_size=args.caption_batch_size, caption_extension=args.caption_extension,
+                             unusable=unusable, resume=not args.restart)
+    except KeyboardInterrupt:
+        print("interrupted: the captions finished so far are written; run the same command again to continue",
+              file=sys.stderr)
+        raise
+    for problem in run.not_captioned:
+        print(f"warning: {problem.message}", file=sys.stderr)
     print(run.summary())
 
 

@@ -23,6 +23,17 @@ def _field(o) -> FieldInfo:
 MASK_FIELDS: dict[str, FieldInfo] = {o.name: _field(o) for o in MASK_OPTIONS}
 
 
+def options_table() -> str:
+    """The options as a markdown table (docs/masks.md holds it; a test keeps the two equal)."""
+    from app.cli.flags import flag_name, range_text
+    rows = ["| option | flag | GUI control | default | range | what it does |", "|---|---|---|---|---|---|"]
+    for fi in MASK_FIELDS.values():
+        default = "off" if fi.type is bool else f"`{fi.default:g}`"
+        rows.append(f"| `{fi.name}` | `{flag_name(fi)}` | {fi.label} | {default} | {range_text(fi) or '-'} | "
+                    f"{fi.help} |")
+    return "\n".join(rows) + "\n"
+
+
 def register(sub) -> None:
     p = sub.add_parser("masks", help="make training masks (data.mask_dir) from a text prompt (CLIPSeg) or the "
                                      "alpha channel",

@@ -3,6 +3,8 @@ same option ranges as the Dataset tab's sliders (both made from MASK_OPTIONS).""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -100,3 +102,11 @@ def test_cli_flags_and_gui_sliders_share_each_range(option, tmp_path):
     with gr.Blocks():
         slider = mask_slider(option.name)
     assert (slider.minimum, slider.maximum, slider.value) == (option.min, option.max, option.default)
+
+
+def test_the_docs_option_table_is_current():
+    from app.cli.masks import options_table
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "masks.md").read_text(encoding="utf-8")
+    start = doc.index("-->\n", doc.index("<!-- options:")) + len("-->\n")
+    assert doc[start:doc.index("<!-- /options -->")] == options_table(), \
+        "docs/masks.md's option table is stale: paste app.cli.masks.options_table() between the markers"

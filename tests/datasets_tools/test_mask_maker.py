@@ -51,7 +51,10 @@ def _arr(path) -> np.ndarray:
 
 
 def test_prompt_masks_are_one_binary_png_per_picture_at_its_upright_size(pictures, clipseg):
-    run = make_masks(pictures, prompts=PROMPT, model=str(clipseg), batch_size=2)
+    calls = []
+    run = make_masks(pictures, prompts=PROMPT, model=str(clipseg), batch_size=2,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 3), (3, 3)]  # batches of 2, each reported
     out = pictures / "masks"
     assert sorted(run.written) == ["a.png", "b.png", "c.png"] and not run.skipped and not run.kept
     for stem, size in UPRIGHT.items():

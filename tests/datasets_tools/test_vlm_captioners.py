@@ -340,3 +340,16 @@ def test_qwen_vl_pictures_of_different_sizes_in_one_batch(tmp_path):
     ids, image_id = calls[-1]["input_ids"], cap.image_token_id
     counts = (ids == image_id).sum(dim=1).tolist()
     assert counts[0] != counts[1] and calls[-1]["attention_mask"][:, -1].tolist() == [1, 1]
+
+
+def test_captioning_doc_names_every_captioner_and_alias():
+    from pathlib import Path
+
+    from datasets_tools.captioners import REGISTRY
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "captioning.md").read_text(encoding="utf-8")
+    for info in REGISTRY.values():
+        for name in (info.name, *info.aliases):
+            assert f"`{name}`" in doc, name
+    for task in FLORENCE_TASKS:
+        assert f"`{task}`" in doc, task

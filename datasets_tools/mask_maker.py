@@ -217,7 +217,11 @@ class ClipSegMasker:
             transformers.logging.set_verbosity(verbosity)
             if bars:
                 transformers.utils.logging.enable_progress_bar()
-        self.model.to(self.device).eval()
+        try:
+            self.model.to(self.device).eval()
+        except (RuntimeError, AssertionError) as e:  # torch built without that device, or none present
+            raise DatasetError(f"--device {self.device}: cannot run CLIPSeg there ({first_line(e)})",
+                               field="--device") from None
         self.model_id = model
 
     def describe(self) -> str:

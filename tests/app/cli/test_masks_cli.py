@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datasets_tools.mask_maker import MASK_OPTIONS
@@ -62,6 +63,8 @@ def test_from_alpha_and_invert_in_process(tmp_path, capsys):
     (["--model", "CIDAS/clipseg-rd64-refined"], ["cannot fetch the CLIPSeg model CIDAS/clipseg-rd64-refined"]),
     (["--model", "{clipseg}", "--threshold", "1.5"], ["--threshold", "maximum 1"]),
     ([], ["--model"]),
+    pytest.param(["--model", "{clipseg}", "--device", "cuda"], ["--device cuda"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
 def test_bad_input_is_one_line(tmp_path, clipseg, capsys, args, needles):
     from app.cli import main

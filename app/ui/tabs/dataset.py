@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from datasets_tools.captioners import CAPTIONERS
+from datasets_tools.captioners import CAPTIONERS, FLORENCE_TASKS
 from trainer import config as C
 from trainer.errors import UserError, first_line
 
@@ -126,11 +126,13 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
         with gr.Row(equal_height=False):
             cap_name = r("dataset.captioner", gr.Dropdown(
                 choices=list(CAPTIONERS), value=CAPTIONERS[0], label="Captioner", elem_id="cap-name",
-                info="template: from file names (offline); blip: a transformers image-to-text model; wd14: a booru "
-                     "tagger (ONNX)"))
-            cap_model = r("dataset.captioner_model", gr.Textbox(label="Model (blip / wd14)",
+                info="template: from file names (offline); the others need a model (docs/captioning.md)"))
+            cap_model = r("dataset.captioner_model", gr.Textbox(label="Model (all but template)",
                                                                 placeholder="a local folder or hub id",
                                                                 elem_id="cap-model"))
+            cap_prompt = r("dataset.caption_prompt", gr.Textbox(
+                label="Instruction (vlm) or task (florence2)", elem_id="cap-prompt",
+                placeholder=f"empty: the default; florence2: {', '.join(FLORENCE_TASKS)}"))
             cap_template = r("dataset.template", gr.Textbox(value="{name}", label="Template",
                                                             info="{trigger}, {name} (file name), {folder}",
                                                             elem_id="cap-template"))
@@ -210,19 +212,19 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
         use_btn.click(on_use_folder, [folder], [status, reg.get("train.data.dir")])
 
         @guarded(6)
-        def on_caption(folder_now, name, model, template, trigger, overwrite_caps, res, min_px, max_px, step, no_up,
-                       enable, batch, ext, mask, progress=gr.Progress()):
-            from datasets_tools.captioners import caption_folder, check_captioner_args, get_captioner
+        def on_caption(folder_now, name, model, prompt, template, trigger, overwrite_caps, res, min_px, max_px, step,
+                       no_up, enable, batch, ext, mask, progress=gr.Progress()):
+            from datasets_tools.captioners import (caption_folder, captioner_options, check_captioner_args,
+                                                   get_captioner)
             root = check_dataset_folder(folder_now)
             s = bucket_settings(res, min_px, max_px, step, no_up, enable, batch, ext, mask)
             ext = s["data.caption_extension"]
             model = (model or "").strip() or None
             check_captioner_args(name, model)
             progress(0.0, desc=f"loading the {name} captioner ...")
-            if name == "template":
-                cap = get_captioner("template", template=template or "{name}", trigger=trigger or None, root=root)
-            else:
-                cap = get_captioner(name, model=model)
+            prompt = (prompt or "").strip() or None  # the registry says which captioner takes prompt or task
+            cap = get_captioner(name, model=model, **captioner_options(
+                name, template=template or "{name}", trigger=trigger or None, root=root, prompt=prompt, task=prompt))
             run = caption_folder(root, cap, trigger=(trigger or "").strip() or None, overwrite=bool(overwrite_caps),
                                  caption_extension=ext,
                                  progress=lambda d, t: progress((d, max(t, 1)), desc=f"captioning ({name})",
@@ -231,7 +233,7 @@ def create_dataset_tab(state: AppState, reg: Registry) -> None:
             if run.backup:
                 text += "; undo with the **Undo last edit** button below"
             return (text, *rescan(root, s))
-        editor.reload(cap_btn.click(on_caption, [folder, cap_name, cap_model, cap_template, cap_trigger,
+        editor.reload(cap_btn.click(on_caption, [folder, cap_name, cap_model, cap_prompt, cap_template, cap_trigger,
                                                  cap_overwrite, *bucket_inputs], [cap_status, *rescan_outputs]))
 
         def caption_op(kind):

@@ -336,7 +336,7 @@ def test_qwen_vl_pictures_of_different_sizes_in_one_batch(tmp_path):
     """Qwen's image-token count follows the picture's size: a batch of two sizes is left-padded correctly."""
     cap = get_captioner("vlm", model=str(build_qwen_vl(tmp_path / "q")), max_new_tokens=4)
     calls = spy_generate(cap)
-    cap.caption_batch([RED, BLUE])
+    cap.caption_batch([Image.new("RGB", (56, 56), "red"), Image.new("RGB", (112, 56), "blue")])  # 4 and 8 tokens
     ids, image_id = calls[-1]["input_ids"], cap.image_token_id
     counts = (ids == image_id).sum(dim=1).tolist()
     assert counts[0] != counts[1] and calls[-1]["attention_mask"][:, -1].tolist() == [1, 1]

@@ -158,7 +158,7 @@ def build_qwen_vl(path: Path, seed: int = 0, *, version: str = "2.5") -> Path:
 
     tok = tiny_tokenizer(_QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
     ids = {s: tok.convert_tokens_to_ids(s) for s in _QWEN_SPECIALS}
-    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=56 * 56, patch_size=14, merge_size=2,
+    ip = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14, merge_size=2,
                                   temporal_patch_size=2)
     text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1, max_position_embeddings=512, bos_token_id=ids["<|endoftext|>"],

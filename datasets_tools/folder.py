@@ -11,6 +11,8 @@ from .errors import DatasetError
 from .images import IMAGE_EXTENSIONS, ImageError, ImageHeader, read_header
 
 CACHE_DIR_NAMES = {".lorastudio_cache", ".lorastudio_backup", "__MACOSX"}
+#: A folder holding this file is a mask folder (``lorastudio masks`` writes it): its files are masks, not pictures.
+MASK_MARKER = ".lorastudio_masks"
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
@@ -70,6 +72,8 @@ def walk_paths(root: str | os.PathLike, errors: list[tuple[str, str]] | None = N
             if errors is not None:
                 errors.append((d, e.strerror or type(e).__name__))
             return
+        if d != root_s and any(e.name == MASK_MARKER for e in entries):
+            return  # a mask folder inside the dataset (DIR/masks): not more pictures
         for e in entries:
             if e.name.startswith(".") or e.name in CACHE_DIR_NAMES:
                 continue
@@ -81,7 +85,8 @@ def walk_paths(root: str | os.PathLike, errors: list[tuple[str, str]] | None = N
             except OSError:
                 continue
 
-    walk(str(root))
+    root_s = str(root)
+    walk(root_s)
     return out
 
 

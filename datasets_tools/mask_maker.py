@@ -28,7 +28,7 @@ from .folder import Problem, check_folder, collect_images, is_image_file
 MASK_DIR_NAME = "masks"
 #: A hidden file in every mask folder this module writes: it says "these are masks, not pictures" to a folder
 #: walker (the mask tool itself never makes masks of the files of a folder holding it).
-MASK_MARKER = ".lorastudio_masks"
+from .folder import MASK_MARKER  # noqa: E402  (one source)
 MAX_GROW_PX = 128
 MAX_BLUR_PX = 64
 MAX_BATCH = 64

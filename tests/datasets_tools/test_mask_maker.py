@@ -90,8 +90,6 @@ def test_the_trainer_and_the_scan_read_exactly_these_masks(pictures, clipseg, tm
         assert m is not None and 0.0 <= float(m.min()) <= float(m.max()) <= 1.0
 
 
-@pytest.mark.xfail(strict=True, reason="datasets_tools.folder walks DIR/masks as pictures: walk_paths must skip a "
-                                       "folder holding the .lorastudio_masks marker (folder.py is not this task's)")
 def test_the_default_mask_folder_is_not_walked_as_pictures(pictures, clipseg):
     make_masks(pictures, prompts=PROMPT, model=str(clipseg))
     report = scan_folder(pictures, mask_dir=str(pictures / "masks"), near_duplicates=False)

@@ -192,6 +192,10 @@ class TemplateCaptioner(Captioner):
             out.append(", ".join(t.strip() for t in text.split(",") if t.strip()))
         return out
 
+    @property
+    def run_key(self) -> str:
+        return f"template {self.template} {self.trigger}"
+
 
 # ----------------------------------------------------------------------------------------------- transformers
 class TransformersCaptioner(Captioner):
@@ -423,6 +427,11 @@ class WD14Captioner(Captioner):
 
     def describe(self) -> str:
         return f"WD14 tagger {self.model_path} on {self.device} ({self.session.get_providers()[0]})"
+
+    @property
+    def run_key(self) -> str:
+        return (f"wd14 {self.model_path} {self.general_threshold} {self.character_threshold} "
+                f"{sorted(self.blacklist)} {self.underscores_to_spaces} {self.include_rating}")
 
 
 def _norm(tag: str) -> str:

@@ -353,3 +353,25 @@ def test_captioning_doc_names_every_captioner_and_alias():
             assert f"`{name}`" in doc, name
     for task in FLORENCE_TASKS:
         assert f"`{task}`" in doc, task
+
+
+def test_an_interrupted_run_resumes_only_under_the_same_settings(tmp_path):
+    """The progress file belongs to one captioner, model, prompt and trigger: a rerun with another template
+    starts over instead of skipping the pictures the first one did."""
+    root = folder(tmp_path / "ds", 3)
+    first = get_captioner("template", template="first")
+    real = first.caption_batch
+    calls = []
+
+    def stop_after_one(images, paths=None):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(paths)
+        return real(images, paths)
+    first.caption_batch = stop_after_one
+    with pytest.raises(KeyboardInterrupt):
+        caption_folder(root, first, overwrite=True, batch_size=1, progress=lambda d, t: None)
+    run = caption_folder(root, get_captioner("template", template="second"), overwrite=True, batch_size=1,
+                         progress=lambda d, t: None)
+    assert run.resumed == [] and sorted(run.written) == ["img0.txt", "img1.txt", "img2.txt"]
+    assert {p.read_text(encoding="utf-8") for p in root.glob("*.txt")} == {"second"}

@@ -169,12 +169,16 @@ class CaptionEditor:
 
     # ------------------------------------------------------------------------------------------ rendering
     def render_outputs(self) -> list:
-        return [self.page_info, self.sel_info, self.view, self.shown, self.filter_tag, self.bulk_tag,
-                *self.cells, *self.images, *self.checks, *self.caps]
+        return [self.page_info, self.sel_info, self.view, self.shown, self.filter_tag, self.filter_text,
+                self.bulk_tag, *self.cells, *self.images, *self.checks, *self.caps]
 
     def render(self, items: list[dict], view: dict, shown_before: list[str], typed: list[str], tag_f, text_f, size,
-               choices: list | None) -> list:
-        """The updates that show ``view``'s page; cells that keep their picture and text are left alone."""
+               choices: list | None, *, unfilter: bool = False) -> list:
+        """The updates that show ``view``'s page; cells that keep their picture and text are left alone.
+
+        choices: new tag choices for the tag boxes (None keeps theirs); unfilter: empty the filter boxes too."""
+        if unfilter:
+            tag_f = text_f = ""
         size = page_size(size)
         by_img = {it["image"]: it for it in items}
         checked = [r for r in view.get("checked", []) if r in by_img]
@@ -214,7 +218,9 @@ class CaptionEditor:
         info = (f"<div id='ce-pos' data-page='{page + 1}' data-pages='{pages}' data-key='{key}'>"
                 f"<b>Page {page + 1} of {pages}</b> · {html.escape(where)}</div>")
         tag_update = gr.skip() if choices is None else gr.update(choices=choices)
-        return [info, self.selection_text(items, checked, filtered), view, shown, tag_update, tag_update,
+        filter_update = gr.update(value=None, **({} if choices is None else {"choices": choices}))
+        return [info, self.selection_text(items, checked, filtered), view, shown,
+                filter_update if unfilter else tag_update, "" if unfilter else gr.skip(), tag_update,
                 *cells, *images, *checks, *caps]
 
     @staticmethod
@@ -280,11 +286,11 @@ class CaptionEditor:
                 elif kind == "undo":
                     said.append(words(CAP.undo(root).summary()) + " (unsaved typing on the page was dropped)")
                     wrote = True
-                elif kind in ("prev", "next", "size", "filter"):
+                elif kind in ("prev", "next", "size", "filter", "all"):
                     page = int(view.get("page", 0))
                     if kind == "size":  # keep the first picture of the page in view
                         page = (page * page_size(view.get("size") or size)) // page_size(size)
-                    view["page"] = {"prev": page - 1, "next": page + 1, "filter": 0}.get(kind, page)
+                    view["page"] = {"prev": page - 1, "next": page + 1, "filter": 0, "all": 0}.get(kind, page)
                 view["size"] = page_size(size)
                 if kind == "save" and not said:
                     said.append("no caption was changed on this page")
@@ -299,35 +305,29 @@ class CaptionEditor:
                 # after an undo the cells show the files, whatever was typed into them
                 return (status, *rescanned,
                         *self.render(items_now, view, shown, [] if kind == "undo" else typed, tag_f, text_f, size,
-                                     choices))
+                                     choices, unfilter=kind == "all"))
             run.__name__ = f"caption_editor_{kind}"
             return run
 
         b = self.buttons
         many = dict(trigger_mode="multiple", show_progress="minimal")  # a quick second save is queued, not dropped
-        for kind in ("save", "prev", "next", "add", "remove", "undo", "check_page", "clear"):
+        for kind in ("save", "prev", "next", "add", "remove", "undo", "check_page", "clear", "all"):
             b[kind].click(handler(kind), inputs, outputs, **many)
-        for cap in self.caps:
-            cap.submit(handler("save"), inputs, outputs, **many)  # Shift+Enter, gradio's own submit key
+        gr.on([cap.submit for cap in self.caps], handler("save"), inputs, outputs,  # Shift+Enter, gradio's own
+              **many)
         self.filter_tag.input(handler("filter"), inputs, outputs, **many)
         self.filter_text.submit(handler("filter"), inputs, outputs, **many)
         self.size.input(handler("size"), inputs, outputs, **many)
         self._reload = (handler("reload"), inputs, outputs)
 
-        def on_check(i: int):
-            def run(items_now, view, shown, on):
-                view, shown = dict(view or {}), list(shown or [])
-                if i >= len(shown):
-                    return gr.skip(), gr.skip()
-                checked = set(view.get("checked", []))
-                (checked.add if on else checked.discard)(shown[i])
-                view["checked"] = sorted(checked)
-                return view, self.selection_text(items_now or [], view["checked"],
-                                                 filter_items(items_now or [], view.get("tag"), view.get("text")))
-            return run
-        for i, chk in enumerate(self.checks):
-            chk.input(on_check(i), [items, self.view, self.shown, chk], [self.view, self.sel_info],
-                      concurrency_id="caption-editor-checks", show_progress="hidden")
+        def on_check(items_now, view, shown, *checks):
+            view, shown = dict(view or {}), list(shown or [])
+            checked = [r for r in view.get("checked", []) if r not in shown]
+            view["checked"] = sorted(checked + [r for r, c in zip(shown, checks) if c])
+            return view, self.selection_text(items_now or [], view["checked"],
+                                             filter_items(items_now or [], view.get("tag"), view.get("text")))
+        gr.on([chk.input for chk in self.checks], on_check, [items, self.view, self.shown, *self.checks],
+              [self.view, self.sel_info], show_progress="hidden", trigger_mode="always_last")
 
     def reload(self, event) -> None:
         """Show the folder's captions again after ``event`` (a scan, captioning, an operation) changed them."""
@@ -367,6 +367,7 @@ def create_caption_editor(state: AppState, reg: Registry) -> CaptionEditor:
             filter_text = r("dataset.editor_filter_text", gr.Textbox(
                 label="Filter: text", scale=2, elem_id="ce-filter-text",
                 info="part of a caption or file name; Enter applies"))
+            all_btn = gr.Button("Show all", size="md", scale=0, elem_id="ce-show-all")
             size = r("dataset.editor_page_size", gr.Dropdown(
                 choices=list(PAGE_SIZES), value=DEFAULT_PAGE_SIZE, label="Pictures per page", scale=1,
                 elem_id="ce-page-size"))
@@ -407,6 +408,6 @@ def create_caption_editor(state: AppState, reg: Registry) -> CaptionEditor:
         r(f"dataset.editor_check_{i}", chk)
         r(f"dataset.editor_caption_{i}", cap)
     buttons = {"save": save_btn, "prev": prev_btn, "next": next_btn, "add": add_btn, "remove": remove_btn,
-               "undo": undo_btn, "check_page": check_btn, "clear": clear_btn}
+               "undo": undo_btn, "check_page": check_btn, "clear": clear_btn, "all": all_btn}
     return CaptionEditor(state, status, page_info, sel_info, filter_tag, filter_text, size, bulk_tag, buttons, view,
                          shown, cells, images, checks, caps)

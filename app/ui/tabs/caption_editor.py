@@ -284,7 +284,11 @@ class CaptionEditor:
                     else:
                         said.append("no picture is selected: check some, or change the filter")
                 elif kind == "undo":
-                    said.append(words(CAP.undo(root).summary()) + " (unsaved typing on the page was dropped)")
+                    by_img = {it["image"]: it for it in items_now}
+                    dropped = any(i in by_img and t is not None and tidy(t) != tidy(by_img[i]["caption"])
+                                  for i, t in zip(shown, typed))
+                    said.append(words(CAP.undo(root).summary())
+                                + (" (unsaved typing on the page was dropped)" if dropped else ""))
                     wrote = True
                 elif kind in ("prev", "next", "size", "filter", "all"):
                     page = int(view.get("page", 0))

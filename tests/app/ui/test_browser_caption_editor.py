@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.ui.test_browser import CHROMIUM, LAUNCH_ARGS, fill, free_port, wait_http
+from tests.app.ui.test_browser import CHROMIUM, LAUNCH_ARGS, fill, free_port, shot, wait_http
 from tests.fixtures.images import draw_image
 from tests.fixtures.waits import HANG_MS, HANG_S
 
@@ -219,3 +219,11 @@ def test_keyboard_review_type_save_and_move_without_the_mouse(editor):
     expect(page.locator("#ce-status")).to_contain_text(f"undo edit the caption of {last}.png")
     assert not caption(pics, last).endswith(", seen")
     expect(page.locator(f"#ce-cap-{per_page - 1} textarea")).to_have_value(caption(pics, last))
+    shot(page, "caption-editor.png", "#ce-keys", "#ce-grid")
+
+
+def test_the_docs_give_the_page_sizes_the_editor_offers():
+    from app.ui.tabs.caption_editor import PAGE_SIZES
+    *first, final = (str(n) for n in PAGE_SIZES)
+    assert f"{', '.join(first)} or {final} per page" in (REPO / "docs" / "gui.md").read_text(encoding="utf-8")
+    assert f"({'/'.join(map(str, PAGE_SIZES))})" in (REPO / "README.md").read_text(encoding="utf-8")

@@ -79,6 +79,14 @@ def tidy(text: str | None) -> str:
     return " ".join(str(text or "").split())
 
 
+def items_root(items: list[dict]) -> Path | None:
+    """The scanned folder the items come from (each item's image path ends with its path relative to it)."""
+    if not items:
+        return None
+    image, rel = items[0]["image"], items[0]["rel"]
+    return Path(image[:-len(rel)]) if image.endswith(rel) else None
+
+
 def tag_choices(root: Path, ext: str) -> list[tuple[str, str]]:
     """("tag (n)", tag) for the folder's most frequent tags: what the tag boxes complete from."""
     from datasets_tools.captions import tag_frequency, total_frequency
@@ -251,7 +259,8 @@ class CaptionEditor:
                 if kind == "reload" and not items_now:
                     return (gr.skip(), *[gr.skip()] * len(rescan_outputs),
                             *self.render(items_now, view, [], [], tag_f, text_f, size, None))
-                root = root_of(folder_now)
+                # the folder the grid shows is the one written to (not a path typed since the scan)
+                root = items_root(items_now) or root_of(folder_now)
                 s = settings(*bucket)
                 ext = s["data.caption_extension"]
                 tags = CAP.split_tags(bulk_tag or "")
@@ -314,7 +323,9 @@ class CaptionEditor:
             return run
 
         b = self.buttons
-        many = dict(trigger_mode="multiple", show_progress="minimal")  # a quick second save is queued, not dropped
+        # a quick second save is queued, not dropped, and the editor's events run one at a time (a save and a page
+        # turn never write the same files at once)
+        many = dict(trigger_mode="multiple", show_progress="minimal", concurrency_id="caption-editor")
         for kind in ("save", "prev", "next", "add", "remove", "undo", "check_page", "clear", "all"):
             b[kind].click(handler(kind), inputs, outputs, **many)
         gr.on([cap.submit for cap in self.caps], handler("save"), inputs, outputs,  # Shift+Enter, gradio's own
@@ -322,7 +333,7 @@ class CaptionEditor:
         self.filter_tag.input(handler("filter"), inputs, outputs, **many)
         self.filter_text.submit(handler("filter"), inputs, outputs, **many)
         self.size.input(handler("size"), inputs, outputs, **many)
-        self._reload = (handler("reload"), inputs, outputs)
+        self._reload = (handler("reload"), inputs, outputs, "caption-editor")
 
         def on_check(items_now, view, shown, *checks):
             view, shown = dict(view or {}), list(shown or [])
@@ -335,8 +346,8 @@ class CaptionEditor:
 
     def reload(self, event) -> None:
         """Show the folder's captions again after ``event`` (a scan, captioning, an operation) changed them."""
-        fn, inputs, outputs = self._reload
-        event.then(fn, inputs, outputs, show_progress="hidden")
+        fn, inputs, outputs, group = self._reload
+        event.then(fn, inputs, outputs, show_progress="hidden", concurrency_id=group)
 
     @staticmethod
     def save_page(CAP, root: Path, items: list[dict], shown: list[str], typed: list[str]) -> str:

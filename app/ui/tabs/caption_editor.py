@@ -11,7 +11,7 @@ then the tab's scan is re-run so the report follows the captions. Typed captions
 filtering and bulk edits first save what was changed on the page (one undoable edit); only Undo discards them.
 
 Keys (a small script the page loads with the grid): Alt+Right / Alt+Left go to the next / previous picture's
-caption (over page ends), Ctrl+Enter saves, Alt+PageDown / Alt+PageUp turn the page.
+caption (over page ends), Ctrl+Enter (or gradio's Shift+Enter) saves, Alt+PageDown / Alt+PageUp turn the page.
 """
 
 from __future__ import annotations
@@ -342,7 +342,8 @@ class CaptionEditor:
             return view, self.selection_text(items_now or [], view["checked"],
                                              filter_items(items_now or [], view.get("tag"), view.get("text")))
         gr.on([chk.input for chk in self.checks], on_check, [items, self.view, self.shown, *self.checks],
-              [self.view, self.sel_info], show_progress="hidden", trigger_mode="always_last")
+              [self.view, self.sel_info], show_progress="hidden", trigger_mode="always_last",
+              concurrency_id="caption-editor")  # never interleaved with a page turn that rewrites the view
 
     def reload(self, event) -> None:
         """Show the folder's captions again after ``event`` (a scan, captioning, an operation) changed them."""

@@ -48,9 +48,10 @@ def test_base_draws_what_the_prompt_says(toy_pipe):
     assert r["colour"] >= 0.98 and r["shape"] >= 0.95, r
 
 
-@pytest.mark.parametrize("style", tw.STYLES + tw.TINT_STYLES)
+@pytest.mark.parametrize("style", [s for s in tw.ALL_STYLES if s not in tw.SHAPE_STYLES])
 def test_vae_carries_the_styles(toy_pipe, style):
-    """An encode/decode round trip keeps >= 80% of each style's statistic (the VAE can express it)."""
+    """An encode/decode round trip keeps >= 80% of each style's statistic (the VAE can express it): the bar a
+    style of the suite must clear before it counts (issue 19, item 1). The shape styles: the test below."""
     from benchmarks.toyworld.pretrain import roundtrip
     imgs, _ = drawn(30, style, seed=5)
     raw = tw.mean_style_statistic(imgs, style)

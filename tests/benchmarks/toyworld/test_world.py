@@ -73,6 +73,28 @@ def test_shape_styles_and_their_statistics():
         tw.render(tw.sample_drawing(np.random.default_rng(0)), "plaid")
 
 
+def test_the_style_suite_statistics_see_their_own_style_only():
+    """Issue 19, item 1: nine styles of six kinds, each statistic about 0 on plain pictures, high on its own style
+    and at most a fifth of that on any other style (the patterns, drawn over the shape too, are the worst case for
+    the outline and the punched hole); the scorer still reads the content under every style."""
+    assert set(tw.STYLE_KINDS) == set(tw.ALL_STYLES) and len(tw.ALL_STYLES) >= 8
+    assert len(set(tw.STYLE_KINDS.values())) >= 6 and len(tw.HELD_OUT) >= 3
+    assert len({tw.STYLE_KINDS[s] for s in tw.HELD_OUT}) == len(tw.HELD_OUT)  # held out: one of each of 3 kinds
+    plain, _ = drawn(45, seed=6)
+    own = {}
+    for st in tw.ALL_STYLES:
+        imgs, expected = drawn(45, st, seed=6)
+        own[st] = tw.mean_style_statistic(imgs, st)
+        r = tw.score_images(imgs, expected)
+        assert r["colour"] == 1.0 and r["shape"] >= 0.95, (st, r["misses"])
+        assert tw.mean_style_statistic(plain, st) < 0.15 * own[st], st   # about 0 on plain pictures
+    for st in tw.ALL_STYLES:       # the other direction, now that every style's own level is known
+        imgs, _ = drawn(45, st, seed=6)
+        for other in tw.ALL_STYLES:
+            if other != st:
+                assert tw.mean_style_statistic(imgs, other) < 0.25 * own[other], (st, other)
+
+
 def test_paper_tint_combines_with_the_other_styles():
     """The paper tint: its statistic reads about 0 on plain pictures and about 28 on paper, the scorer still reads
     the content on paper, and a drop shadow or outline drawn on paper keeps its own statistic (so two style LoRAs

@@ -109,6 +109,36 @@ def _server_app_deferred():
         routes.App.create_app = real
 
 
+#: How long launch() lets our own just-started server take to answer gradio's "is localhost reachable" probe.
+LOCAL_PROBE_S = 120.0
+
+
+@contextlib.contextmanager
+def _patient_local_probe():
+    """gradio's launch() probes the server it has just started (HEAD, 3 s timeout, 5 tries) and, when a busy
+    machine answers late (a training run on the same cores), refuses to start: "When localhost is not accessible,
+    a shareable link must be created". Our server is local by design, so the probe waits up to LOCAL_PROBE_S."""
+    networking = getattr(gr, "networking", None)
+    real = getattr(networking, "url_ok", None)
+    if real is None:  # another gradio layout: leave it alone
+        yield
+        return
+    import time
+
+    def patient(url: str) -> bool:
+        end = time.monotonic() + LOCAL_PROBE_S
+        while True:
+            if real(url):
+                return True
+            if time.monotonic() > end:
+                return False
+    networking.url_ok = patient
+    try:
+        yield
+    finally:
+        networking.url_ok = real
+
+
 def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, auth: tuple[str, str] | None = None,
            demo: bool = False, block: bool = True, quiet: bool = False):
     """Serve the app: 127.0.0.1 unless listen; files only from the app's own folders; optional password."""
@@ -120,11 +150,12 @@ def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, au
     if demo and state.demo.status != "ready":
         state.demo.status, state.demo.message = "building", "starting ..."
         threading.Thread(target=_build_demo_quietly, args=(state,), name="lorastudio-demo", daemon=True).start()
-    return app.launch(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, auth=auth,
-                      allowed_paths=state.served_paths(), max_file_size=MAX_UPLOAD, show_error=False,
-                      prevent_thread_lock=not block, quiet=quiet, ssr_mode=False, pwa=False, mcp_server=False,
-                      enable_monitoring=False, inbrowser=False, css=CSS,
-                      footer_links=["gradio", "settings"], i18n=_missing_gradio_words())
+    with _patient_local_probe():
+        return app.launch(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, auth=auth,
+                          allowed_paths=state.served_paths(), max_file_size=MAX_UPLOAD, show_error=False,
+                          prevent_thread_lock=not block, quiet=quiet, ssr_mode=False, pwa=False, mcp_server=False,
+                          enable_monitoring=False, inbrowser=False, css=CSS,
+                          footer_links=["gradio", "settings"], i18n=_missing_gradio_words())
 
 
 def _missing_gradio_words():

@@ -249,3 +249,16 @@ def test_port_argument(capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --port") and "\n" not in err, err
     assert build_parser().parse_args(["ui", "--port", "65535"]).port == 65535
+
+def test_launch_waits_for_a_busy_machine_to_answer_its_own_probe(monkeypatch):
+    """gradio refuses to start when its 3 s probe of the just-started server goes unanswered (a busy machine);
+    launch() lets the probe try again until the server answers."""
+    import gradio as gr
+
+    from app.ui.app import _patient_local_probe
+    answers = iter([False, False, False, True])
+    monkeypatch.setattr(gr.networking, "url_ok", lambda url: next(answers))
+    with _patient_local_probe():
+        assert gr.networking.url_ok("http://127.0.0.1:1/") is True
+    assert next(answers, "done") == "done"            # it asked until the answer came
+    assert gr.networking.url_ok is not None and "patient" not in gr.networking.url_ok.__name__

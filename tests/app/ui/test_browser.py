@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[3]
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")]
 sync_api = pytest.importorskip("playwright.sync_api")
+# every expect() in the browser tests (they all import this module) waits on the hang guard, not 5 s
+sync_api.expect.set_options(timeout=HANG_MS)
 expect = sync_api.expect
 
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

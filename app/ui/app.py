@@ -16,7 +16,6 @@ to the browser; pictures from dataset folders the user picks reach it as thumbna
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from pathlib import Path
@@ -26,6 +25,7 @@ from app.ui.startup import skip_stub_regeneration
 skip_stub_regeneration()  # about half of `import gradio`'s time is stub-file regeneration meant for its developers
 import gradio as gr  # noqa: E402
 
+from app.ui.gradio_shims import patient_local_probe, server_app_deferred  # noqa: E402
 from app.ui.page import create_header, wire_page  # noqa: E402
 from app.ui.registry import Registry  # noqa: E402
 from app.ui.state import AppState  # noqa: E402
@@ -62,7 +62,7 @@ def build_app(state: AppState) -> gr.Blocks:
     """The Blocks app, queued (one event at a time unless a handler says otherwise), ready for `launch()`.
 
     Nothing heavy happens here: no model, no torch, no folder scan."""
-    with _server_app_deferred():
+    with server_app_deferred():
         app, _ = build_blocks(state)
         app.queue(default_concurrency_limit=1)
     return app
@@ -89,56 +89,6 @@ def build_blocks(state: AppState) -> tuple[gr.Blocks, Registry]:
     return app, reg
 
 
-@contextlib.contextmanager
-def _server_app_deferred():
-    """Skip the FastAPI apps gradio builds before `launch()`.
-
-    gradio builds a whole server app when a Blocks is created, when its `with` block ends and in `queue()`, and
-    then again in `launch()`. Only the last one is served. Each of the earlier ones costs about 0.4 s on a 2-core
-    machine (route signatures, pydantic models, the page config), which is a fifth of the app's own start-up.
-    """
-    routes = getattr(gr, "routes", None)
-    real = getattr(routes, "App", None) and routes.App.__dict__.get("create_app")
-    if not isinstance(real, staticmethod):  # another gradio layout: leave it alone
-        yield
-        return
-    routes.App.create_app = staticmethod(lambda *args, **kwargs: None)
-    try:
-        yield
-    finally:
-        routes.App.create_app = real
-
-
-#: How long launch() lets our own just-started server take to answer gradio's "is localhost reachable" probe.
-LOCAL_PROBE_S = 120.0
-
-
-@contextlib.contextmanager
-def _patient_local_probe():
-    """gradio's launch() probes the server it has just started (HEAD, 3 s timeout, 5 tries) and, when a busy
-    machine answers late (a training run on the same cores), refuses to start: "When localhost is not accessible,
-    a shareable link must be created". Our server is local by design, so the probe waits up to LOCAL_PROBE_S."""
-    networking = getattr(gr, "networking", None)
-    real = getattr(networking, "url_ok", None)
-    if real is None:  # another gradio layout: leave it alone
-        yield
-        return
-    import time
-
-    def patient(url: str) -> bool:
-        end = time.monotonic() + LOCAL_PROBE_S
-        while True:
-            if real(url):
-                return True
-            if time.monotonic() > end:
-                return False
-    networking.url_ok = patient
-    try:
-        yield
-    finally:
-        networking.url_ok = real
-
-
 def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, auth: tuple[str, str] | None = None,
            demo: bool = False, block: bool = True, quiet: bool = False):
     """Serve the app: 127.0.0.1 unless listen; files only from the app's own folders; optional password."""
@@ -150,7 +100,7 @@ def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, au
     if demo and state.demo.status != "ready":
         state.demo.status, state.demo.message = "building", "starting ..."
         threading.Thread(target=_build_demo_quietly, args=(state,), name="lorastudio-demo", daemon=True).start()
-    with _patient_local_probe():
+    with patient_local_probe():
         return app.launch(server_name="0.0.0.0" if listen else "127.0.0.1", server_port=port, auth=auth,
                           allowed_paths=state.served_paths(), max_file_size=MAX_UPLOAD, show_error=False,
                           prevent_thread_lock=not block, quiet=quiet, ssr_mode=False, pwa=False, mcp_server=False,

@@ -255,10 +255,10 @@ def test_launch_waits_for_a_busy_machine_to_answer_its_own_probe(monkeypatch):
     launch() lets the probe try again until the server answers."""
     import gradio as gr
 
-    from app.ui.app import _patient_local_probe
+    from app.ui.gradio_shims import patient_local_probe
     answers = iter([False, False, False, True])
     monkeypatch.setattr(gr.networking, "url_ok", lambda url: next(answers))
-    with _patient_local_probe():
+    with patient_local_probe():
         assert gr.networking.url_ok("http://127.0.0.1:1/") is True
     assert next(answers, "done") == "done"            # it asked until the answer came
     assert gr.networking.url_ok is not None and "patient" not in gr.networking.url_ok.__name__

@@ -52,12 +52,19 @@ def train_style(work: Path, style: str, sets: dict, reuse: bool, tag: str) -> di
     from safetensors import safe_open
     with safe_open(str(lora), "pt") as f:
         meta = f.metadata() or {}
-    return {"style": style, "lora": str(lora), "seconds": round(time.time() - t0, 1),
+    seconds = time.time() - t0
+    events = lora.parent / "events.jsonl"
+    if events.is_file():  # the run's own clock (right for a reused run too): first event to last
+        from trainer.train.events import read_events
+        ev = read_events(events)
+        if ev:
+            seconds = ev[-1]["time"] - ev[0]["time"]
+    return {"style": style, "lora": str(lora), "seconds": round(seconds, 1),
             "steps": int(meta.get("ss_steps", meta.get("lorastudio.steps", 0)) or 0), "reused": reuse}
 
 
-def score_style(ev, style: str, lora: str | None, n: int) -> dict:
-    ceiling = ev.vae_ceiling(style, n=n)
+def score_style(ev, style: str, lora: str | None, n: int, ceiling: dict | None = None) -> dict:
+    ceiling = ceiling or ev.vae_ceiling(style, n=n)
     trig = trigger_for(style)
     ev.set_loras([])
     base_on, _ = ev.score(tw.prompts(n, seed=3, trigger=trig), styles=(style,))
@@ -68,11 +75,14 @@ def score_style(ev, style: str, lora: str | None, n: int) -> dict:
     c = ceiling["roundtrip"]
     learned = on.style[style] / c if c else 0.0
     leak = (off.style[style] - base_on.style[style]) / c if c else 0.0
-    ok = (learned >= LEARN_BAR and on.colour >= COLOUR_BAR and on.shape >= SHAPE_BAR and leak <= LEAK_BAR)
+    # The content bar, of what the VAE itself keeps: under a pattern drawn over the shape (stripes, dots) the toy VAE
+    # reads back only about 2/3 of the shapes right, so no LoRA can show 85% there (docs/toyworld-suite.md).
+    shape_bar = SHAPE_BAR * min(1.0, ceiling["shape"] / 0.95)
+    ok = (learned >= LEARN_BAR and on.colour >= COLOUR_BAR and on.shape >= shape_bar and leak <= LEAK_BAR)
     return {"ceiling": round(c, 1), "raw": round(ceiling["raw"], 1), "base": round(base_on.style[style], 1),
             "with_trigger": round(on.style[style], 1), "without_trigger": round(off.style[style], 1),
             "learned": round(learned, 3), "leak": round(leak, 3), "colour": on.colour, "shape": on.shape,
-            "colour_off": off.colour, "shape_off": off.shape, "passes": ok}
+            "colour_off": off.colour, "shape_off": off.shape, "shape_bar": round(shape_bar, 3), "passes": ok}
 
 
 def render_markdown(res: dict) -> str:
@@ -84,6 +94,40 @@ def render_markdown(res: dict) -> str:
                    f"{r['with_trigger']} | {r['learned']:.0%} | {r['without_trigger']} | "
                    f"{r['colour']:.0%} / {r['shape']:.0%} | {r['steps']} | {r['seconds']:.0f} | "
                    f"{'pass' if r['passes'] else 'FAIL'} |")
+    return "\n".join(out) + "\n"
+
+
+def describe(n: int = 45) -> str:
+    """The suite itself: each style's kind, its statistic raw and after a VAE round trip (the ceiling; a style
+    counts only if it keeps >= 80%), the content after the round trip, and what every statistic reads on every
+    style's drawn pictures (its own level on the diagonal; blind means small elsewhere)."""
+    import numpy as np
+
+    from benchmarks.toyworld.pretrain import load_toyworld, roundtrip
+    from benchmarks.toyworld.harness import TOYWORLD_BASE
+    vae = load_toyworld(TOYWORLD_BASE).vae
+    rng_pairs = [(c, sh) for c in tw.COLOURS for sh in tw.SHAPES]
+    styles = list(tw.STYLE_KINDS)
+    drawn = {}
+    for st in [None] + styles:
+        rng = np.random.default_rng(6)
+        ds = [tw.sample_drawing(rng, *rng_pairs[i % len(rng_pairs)]) for i in range(n)]
+        drawn[st] = ([tw.render(d, st, rng) for d in ds], [(d.colour, d.shape) for d in ds])
+    out = ["| style | kind | held out | raw | after the VAE | kept | content after the VAE (colour / shape) |",
+           "|---|---|---|---|---|---|---|"]
+    for st in styles:
+        imgs, exp = drawn[st]
+        rec = roundtrip(vae, imgs)
+        raw, rt = tw.mean_style_statistic(imgs, st), tw.mean_style_statistic(rec, st)
+        c = tw.score_images(rec, exp)
+        out.append(f"| {st} | {tw.STYLE_KINDS[st]} | {'yes' if st in tw.HELD_OUT else ''} | {raw:.1f} | {rt:.1f} | "
+                   f"{rt / raw:.0%} | {c['colour']:.0%} / {c['shape']:.0%} |")
+    out += ["", "What each statistic (column) reads on pictures drawn in each style (row), " + str(n) + " pictures:", "",
+            "| drawn in | " + " | ".join(styles) + " |", "|---|" + "---|" * len(styles)]
+    for st in [None] + styles:
+        imgs, _ = drawn[st]
+        out.append(f"| {st or 'plain'} | " + " | ".join(f"{tw.mean_style_statistic(imgs, o):.1f}" for o in styles)
+                   + " |")
     return "\n".join(out) + "\n"
 
 
@@ -99,7 +143,7 @@ def parse_sets(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", required=True, help="scratch folder (sets, runs); kept for --reuse")
+    ap.add_argument("--work", default="", help="scratch folder (sets, runs); kept for --reuse")
     ap.add_argument("--styles", default="", help="comma list (default: the tuning styles " + ", ".join(TUNING) + ")")
     ap.add_argument("--held-out", action="store_true", help="the held-out styles: " + ", ".join(tw.HELD_OUT))
     ap.add_argument("--all", action="store_true", help="every style of the suite")
@@ -108,9 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--n", type=int, default=30, help="samples per condition")
     ap.add_argument("--reuse", action="store_true", help="score LoRAs already in --work instead of training")
+    ap.add_argument("--score-every", type=int, default=0, metavar="N",
+                    help="also save the LoRA every N steps and score each save (learning against steps)")
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", default="")
+    ap.add_argument("--describe", action="store_true",
+                    help="print the suite itself (ceilings, cross-talk matrix) as markdown and stop")
     args = ap.parse_args(argv)
+    if args.describe:
+        print(describe(args.n if args.n != 30 else 45))
+        return 0
     styles = (list(tw.STYLE_KINDS) if args.all else list(tw.HELD_OUT) if args.held_out else
               [s for s in args.styles.split(",") if s] or list(TUNING))
     bad = [s for s in styles if s not in tw.STYLE_KINDS]
@@ -118,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --styles: unknown style(s) {', '.join(bad)}; choose from {', '.join(tw.STYLE_KINDS)}",
               file=sys.stderr)
         return 2
+    if not args.work:
+        print("error: --work: a scratch folder is needed", file=sys.stderr)
+        return 2
     sets = parse_sets(args.set)
+    if args.score_every:
+        sets["train.save_every_steps"] = str(args.score_every)
     work = Path(args.work)
     from benchmarks.toyworld import harness as tl
     if not (work / "sets" / "reg" / "00000.png").exists():
@@ -131,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     ev = tl.Evaluator()
     rows = []
     for t in trained:
-        rows.append({**t, **score_style(ev, t["style"], t["lora"], args.n)})
+        ceiling = ev.vae_ceiling(t["style"], n=args.n)
+        rows.append({**t, **score_style(ev, t["style"], t["lora"], args.n, ceiling)})
         r = rows[-1]
+        if args.score_every:
+            final = Path(t["lora"])
+            r["by_step"] = {}
+            for f in sorted(final.parent.glob(f"{final.stem}-step*.safetensors")):
+                st = int(f.stem.rsplit("-step", 1)[1])
+                sc = score_style(ev, t["style"], str(f), args.n, ceiling)
+                r["by_step"][st] = {k: sc[k] for k in ("learned", "leak", "colour", "shape", "passes")}
+                print(f"  {t['style']} at step {st}: learned {sc['learned']:.0%} content {sc['colour']:.0%}/"
+                      f"{sc['shape']:.0%}", flush=True)
         print(f"{r['style']:8s} learned {r['learned']:.0%} (with {r['with_trigger']} / ceiling {r['ceiling']}, "
               f"base {r['base']}, without {r['without_trigger']}) content {r['colour']:.0%}/{r['shape']:.0%} "
               f"{'pass' if r['passes'] else 'FAIL'}", flush=True)

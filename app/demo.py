@@ -1,17 +1,20 @@
 """The first-run demo: a small model and a folder of drawn pictures, so scan, caption, train and generate run on a CPU.
 
-``create_demo(root)`` writes ``<root>/demo/``:
+``create_demo(root, style=...)`` writes ``<root>/demo/``:
 
-* ``images/``: 30 drawn pictures of coloured shapes with a drop shadow (the toy world's ``shadow`` style), named ``red_circle_00.png`` and so on, without captions (the
-  template captioner turns the names into "zxq style, red circle"). Two are wider and one
-  taller than square, so the bucket preview has crops to show.
+* ``<style>/images/``: 30 drawn pictures of coloured shapes in one of the toy world's styles (``DEMO_STYLES``, the
+  user picks one; ``shadow``, a drop shadow, by default), named ``red_circle_00.png`` and so on, without captions
+  (the template captioner turns the names into "zxq style, red circle"). Each style has its own folder, so
+  switching style keeps the captions written for another one; a folder is drawn under a temporary name and
+  renamed when complete. Two pictures are wider and one taller than square, so the bucket preview has crops to
+  show. ``demo.json`` records the style picked last.
 * the base model: the toy-world model pretrained on drawn shapes (``trainer/assets/toyworld``), shipped with the
   package. ``DemoInfo.label`` says what it is, and the web app shows it.
 * ``regularisation/``: as many plain toy-world pictures with ordinary captions ("a red circle"), mixed into every batch
   (prior preservation). The toy-world measurements (docs/toyworld.md, phase 2) show that without them the style
   leaks into prompts without the trigger word.
 * a user preset ``demo``: the shipped ``toyworld-style`` preset (64 px, rank 8, caption dropout, regularisation)
-  pointed at these folders, with samples along the way: a few minutes on a CPU.
+  pointed at the picked style's folder, with samples along the way: a few minutes on a CPU.
 
 Everything is drawn with Pillow/numpy; no download.
 """
@@ -19,7 +22,9 @@ Everything is drawn with Pillow/numpy; no download.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +33,26 @@ TRIGGER = "zxq style"
 PRESET_NAME = "demo"
 TOYWORLD_PRESET = "toyworld-style"
 DEMO_STEPS = 600
+#: The styles the demo offers (the GUI's "Demo style" picker, `lorastudio ui --demo-style`, the docs); the first is
+#: the default. Each is a toy-world style (datasets_tools.toyworld.STYLE_KINDS) measured to learn in DEMO_STEPS.
+DEMO_STYLES: tuple[str, ...] = ("shadow", "outline", "ground", "paper")
+#: One line per toy-world style, what the user will see in the pictures (any style DEMO_STYLES may name).
+DEMO_STYLE_HELP = {
+    "shadow": "a grey drop shadow under each shape",
+    "outline": "a dark ink outline around each shape",
+    "ground": "a grey ground line across the foot of every picture",
+    "paper": "a warm paper tint behind each shape",
+    "stripes": "dark diagonal stripes over the whole picture",
+    "dots": "a lattice of dark dots over the whole picture",
+    "grade": "a cool colour grade of the whole picture",
+    "badge": "a dark square badge in a corner",
+    "punched": "a dark hole punched through each shape",
+}
+
+
+def style_help(style: str) -> str:
+    """'shadow: a grey drop shadow under each shape'."""
+    return f"{style}: {DEMO_STYLE_HELP.get(style, style)}"
 
 
 @dataclass
@@ -38,6 +63,7 @@ class DemoInfo:
     preset: str
     pretrained: bool
     label: str
+    style: str = DEMO_STYLES[0]  # a demo.json written before the style picker is the drop-shadow demo
 
 
 def toyworld_available() -> bool:
@@ -60,41 +86,72 @@ def load_demo_info(root: str | Path) -> DemoInfo | None:
     return info
 
 
-def create_demo(root: str | Path, *, n_images: int = 30, progress=None) -> DemoInfo:
-    """Make (or reuse) the demo model, pictures and preset under <root>/demo; returns what was made."""
+def style_images_dir(root: str | Path, style: str) -> Path:
+    """Where the demo's pictures in one style live: <root>/demo/<style>/images."""
+    return demo_dir(root) / style / "images"
+
+
+def check_style(style: str) -> str:
+    if style not in DEMO_STYLES:
+        from trainer.errors import UserError
+        raise UserError(f"demo style {style!r}: choose one of {', '.join(DEMO_STYLES)}")
+    return style
+
+
+def create_demo(root: str | Path, *, style: str = DEMO_STYLES[0], n_images: int = 30, progress=None) -> DemoInfo:
+    """Make (or reuse) the demo model, pictures in ``style`` and preset under <root>/demo; returns what was made.
+    Pictures already drawn in that style (and their captions) are kept; the preset points at that style's folder."""
     say = progress or (lambda text: None)
+    check_style(style)
     d = demo_dir(root).resolve()
     d.mkdir(parents=True, exist_ok=True)
-    images = d / "images"
+    images = style_images_dir(d.parent, style)
     if not any(images.glob("*.png")):
-        say("drawing the demo pictures ...")
-        draw_pictures(images, n_images)
+        say(f"drawing the demo pictures ({style_help(style)}) ...")
+        _draw_whole(images, lambda folder: draw_pictures(folder, n_images, style))
     reg = d / "regularisation"
     if not any(reg.glob("*.png")):
         say("drawing the regularisation pictures ...")
-        draw_regularisation(reg, n_images)
+        _draw_whole(reg, lambda folder: draw_regularisation(folder, n_images))
     if not toyworld_available():
         from trainer.errors import UserError
         raise UserError(f"the toy-world model is missing from {TOYWORLD_MODEL} (it ships with LoRA Studio): "
                         "reinstall the package")
     model = TOYWORLD_MODEL
-    label = ("DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
-             "a drop-shadow style it never saw. Training takes about 5 minutes on a 2-core CPU; caption the pictures "
-             "with the trigger 'zxq style' first. Samples with the trigger grow shadows, the one without it stays "
-             "plain (measured in docs/gui.md).")
+    label = (f"DEMO: the toy-world model, pretrained here on drawn coloured shapes (64 px); the demo pictures add "
+             f"a style it never saw, '{style}' ({DEMO_STYLE_HELP.get(style, style)}). Training takes about 5 minutes "
+             f"on a 2-core CPU; caption the pictures with the trigger '{TRIGGER}' first. Samples with the trigger "
+             f"take on the style, the one without it stays plain (measured in docs/gui.md).")
     say("writing the demo preset ...")
-    write_demo_preset(model, images, Path(root).resolve() / "outputs", reg)
-    info = DemoInfo(str(d), str(model), str(images), PRESET_NAME, True, label)
-    (d / "demo.json").write_text(json.dumps(asdict(info), indent=1), encoding="utf-8")
+    write_demo_preset(model, images, Path(root).resolve() / "outputs", reg, style)
+    info = DemoInfo(str(d), str(model), str(images), PRESET_NAME, True, label, style)
+    tmp = d / "demo.json.tmp"
+    tmp.write_text(json.dumps(asdict(info), indent=1), encoding="utf-8")
+    os.replace(tmp, d / "demo.json")
     return info
 
 
-def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path) -> Path:
+def _draw_whole(folder: Path, draw) -> None:
+    """Draw a picture folder under a temporary name and rename it when complete: an interrupted drawing leaves
+    no half-filled folder that a later run would take as done."""
+    tmp = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        draw(tmp)
+        if folder.exists():  # an empty folder (no pictures): nothing of the user's to keep
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path, style: str = DEMO_STYLES[0]) -> Path:
     """The shipped toy-world preset pointed at the demo folders."""
     from trainer.config import apply_dict, load_config
     from trainer.config.presets import resolve_preset, save_user_preset
     cfg = load_config(resolve_preset(TOYWORLD_PRESET))
-    # the demo stops at 600 steps (about 5 minutes on 2 cores): shadows show, fainter than the full preset's
+    # the demo stops at 600 steps (about 5 minutes on 2 cores): the style shows, fainter than the full preset's
     steps = min(cfg.train.max_steps, DEMO_STEPS)
     cfg = apply_dict(cfg, {
         "model": {"base": str(model)},
@@ -108,7 +165,8 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path) -> Pa
                    "steps": 20, "guidance_scale": 5.0, "sampler": "ddim", "width": 64, "height": 64},
         "output": {"dir": str(outputs), "name": "demo-lora", "trigger_phrase": TRIGGER},
     }, "demo preset")
-    return save_user_preset(PRESET_NAME, cfg, f"Demo: train on the drawn drop-shadow pictures with the toy-world model "
+    return save_user_preset(PRESET_NAME, cfg, f"Demo: train on the drawn pictures in the '{style}' style "
+                                              f"({DEMO_STYLE_HELP.get(style, style)}) with the toy-world model "
                                               f"({steps} steps at 64 px; the last sample prompt has no trigger "
                                               f"word and should stay plain).")
 
@@ -119,8 +177,8 @@ def draw_regularisation(folder: Path, n: int) -> None:
     tw.make_dataset(folder, n, style=None, trigger=None, seed=2)
 
 
-def draw_pictures(folder: Path, n: int) -> list[Path]:
-    """n pictures named <colour>_<shape>_<i>.png; toy-world drawings with a drop shadow when available."""
+def draw_pictures(folder: Path, n: int, style: str = DEMO_STYLES[0]) -> list[Path]:
+    """n pictures named <colour>_<shape>_<i>.png; toy-world drawings in ``style`` when available."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
         from datasets_tools import toyworld as tw
@@ -132,7 +190,7 @@ def draw_pictures(folder: Path, n: int) -> list[Path]:
     rnd.shuffle(pairs)
     for i in range(n):
         colour, shape = pairs[i % len(pairs)]
-        img = _toyworld_picture(tw, colour, shape, i) if tw is not None else _pillow_picture(colour, shape, rnd)
+        img = _toyworld_picture(tw, colour, shape, i, style) if tw is not None else _pillow_picture(colour, shape, rnd)
         if i in (1, 6):  # wider than square: the bucket preview shows the crop
             img = _pad(img, (img.width * 3 // 2, img.height))
         elif i == 4:
@@ -143,10 +201,10 @@ def draw_pictures(folder: Path, n: int) -> list[Path]:
     return out
 
 
-def _toyworld_picture(tw, colour: str, shape: str, i: int):
+def _toyworld_picture(tw, colour: str, shape: str, i: int, style: str):
     import numpy as np
     rng = np.random.default_rng(1000 + i)
-    return tw.render(tw.sample_drawing(rng, colour, shape), "shadow", rng)
+    return tw.render(tw.sample_drawing(rng, colour, shape), style, rng)
 
 
 def _pillow_picture(colour: str, shape: str, rnd: random.Random):

@@ -18,6 +18,11 @@ def register(sub) -> None:
     p.add_argument("--auth", metavar="USER:PASS", help="require this user name and password")
     p.add_argument("--demo", action="store_true",
                    help="create the first-run demo (a tiny model and drawn pictures) and load it into the forms")
+    from app.demo import DEMO_STYLE_HELP, DEMO_STYLES
+    p.add_argument("--demo-style", choices=DEMO_STYLES, default=None, metavar="STYLE",
+                   help="the style the demo's pictures are drawn in (with --demo): "
+                        + "; ".join(f"{s} ({DEMO_STYLE_HELP[s]})" for s in DEMO_STYLES)
+                        + f". Default: the style made last, else {DEMO_STYLES[0]}")
     p.add_argument("--root", default=".", metavar="DIR",
                    help="working folder: runs go to DIR/outputs, the demo to DIR/demo; relative paths in the "
                         "forms are relative to it (default: the current folder)")
@@ -37,6 +42,8 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 def _ui(args) -> int:
     from trainer.errors import UserError
     auth = parse_auth(args.auth)
+    if args.demo_style is not None and not args.demo:
+        raise UserError("--demo-style: use it with --demo")
     if args.listen and auth is None:
         print("warning: --listen without --auth: anyone who can reach this machine can use the app",
               file=sys.stderr)
@@ -50,7 +57,8 @@ def _ui(args) -> int:
     sys.modules.setdefault("IPython", None)  # type: ignore[arg-type]
     from app.ui.app import launch  # gradio is imported here, not when the CLI starts
     try:
-        launch(args.root, listen=args.listen, port=args.port, auth=auth, demo=args.demo)
+        launch(args.root, listen=args.listen, port=args.port, auth=auth, demo=args.demo,
+               demo_style=args.demo_style)
     except OSError as e:
         why = "it is in use" if "empty port" in str(e) else (e.strerror or str(e))
         raise UserError(f"cannot serve on port {args.port}: {why}; try --port {args.port + 1}") from None

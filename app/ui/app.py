@@ -90,14 +90,17 @@ def build_blocks(state: AppState) -> tuple[gr.Blocks, Registry]:
 
 
 def launch(root: str | Path = ".", *, listen: bool = False, port: int = 7860, auth: tuple[str, str] | None = None,
-           demo: bool = False, block: bool = True, quiet: bool = False):
+           demo: bool = False, demo_style: str | None = None, block: bool = True, quiet: bool = False):
     """Serve the app: 127.0.0.1 unless listen; files only from the app's own folders; optional password."""
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.chdir(root)  # relative paths in forms and presets mean "in the root", for the app and the trainer alike
     state = AppState(root, demo_requested=demo)
+    if demo_style is not None:
+        from app.demo import check_style
+        state.demo_style = check_style(demo_style)
     app = build_app(state)
-    if demo and state.demo.status != "ready":
+    if demo and (state.demo.status != "ready" or state.demo.info.style != state.demo_style):
         state.demo.status, state.demo.message = "building", "starting ..."
         threading.Thread(target=_build_demo_quietly, args=(state,), name="lorastudio-demo", daemon=True).start()
     with patient_local_probe():
@@ -117,6 +120,6 @@ def _missing_gradio_words():
 def _build_demo_quietly(state: AppState) -> None:
     state.demo.status = "none"
     try:
-        state.build_demo()
+        state.build_demo(style=state.demo_style)
     except Exception:  # noqa: BLE001 - shown in the banner
         pass

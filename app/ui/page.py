@@ -14,6 +14,7 @@ import gradio as gr
 from trainer import config as C
 from trainer.errors import UserError, first_line
 
+from app.demo import DEMO_STYLE_HELP, DEMO_STYLES, style_help
 from app.ui.form import config_to_form, error_md
 from app.ui.registry import Registry
 from app.ui.state import AppState
@@ -27,7 +28,9 @@ def demo_banner(state: AppState, note: str = "") -> str:
     if d.status == "ready":
         info = d.info
         lead = f"{note}  \n" if note else ""
-        return (f"{lead}**{html.escape(info.label)}**  \nPictures: `{info.images}` · model: `{info.model}` · the "
+        return (f"{lead}**{html.escape(info.label)}**  \nStyle: **{html.escape(info.style)}** "
+                f"({html.escape(DEMO_STYLE_HELP.get(info.style, info.style))}) · pictures: `{info.images}` · "
+                f"model: `{info.model}` · the "
                 "Train form holds the `demo` preset. Walk through: Dataset → Scan, Caption (template), Bucket "
                 "preview; Train → Start; Generate with the trained LoRA.")
     if d.status == "building":
@@ -42,8 +45,13 @@ def create_header(state: AppState, reg: Registry) -> None:
     with gr.Row(equal_height=False):
         gr.Markdown("# LoRA Studio\nCaption, bucket, train and mix Stable Diffusion LoRAs. "
                     f"Root: `{state.root}`", elem_id="title")
-        r("page.demo_button", gr.Button("Create the demo (tiny model + drawn pictures)", size="md", scale=0,
-                                        min_width=320, elem_id="demo-btn"))
+        with gr.Column(scale=0, min_width=320):
+            r("page.demo_style", gr.Dropdown(
+                [(style_help(s), s) for s in DEMO_STYLES], value=state.demo_style, label="Demo style",
+                info="the style the demo's pictures are drawn in; the demo trains it with the trigger word",
+                elem_id="demo-style"))
+            r("page.demo_button", gr.Button("Create the demo (tiny model + drawn pictures)", size="md",
+                                            min_width=320, elem_id="demo-btn"))
     r("page.demo_banner", gr.Markdown(demo_banner(state), elem_id="demo-banner", elem_classes="ls-banner",
                                       visible=state.demo.status != "none"))
     r("page.demo_poll", gr.Timer(1.0, active=False))
@@ -54,8 +62,9 @@ def wire_page(state: AppState, reg: Registry, app: gr.Blocks) -> None:
     banner, poll = reg.get("page.demo_banner"), reg.get("page.demo_poll")
     inputs = form_inputs(reg)
     targets = [banner, *reg.many(("dataset.folder", "generate.base", "generate.width", "generate.height",
-                                  "generate.steps", "generate.prompt", "train.preset")), *inputs]
-    base_at = 2
+                                  "generate.steps", "generate.prompt", "train.preset", "page.demo_style")),
+               *inputs]
+    base_at, style_at = 2, len(targets) - len(inputs) - 1  # generate.base; page.demo_style
 
     def demo_fill(note: str = "") -> tuple:
         info = state.demo.info
@@ -66,18 +75,19 @@ def wire_page(state: AppState, reg: Registry, app: gr.Blocks) -> None:
                 gr.update(choices=state.chosen, value=info.images),
                 gr.update(choices=state.model_choices(), value=info.model), cfg.data.resolution,
                 cfg.data.resolution, DEMO_STEPS, prompt,
-                gr.update(choices=state.preset_choices(), value=f"preset:{info.preset}"), *config_to_form(cfg))
+                gr.update(choices=state.preset_choices(), value=f"preset:{info.preset}"), info.style,
+                *config_to_form(cfg))
 
-    def on_demo_click(progress=gr.Progress()):
+    def on_demo_click(style, progress=gr.Progress()):
         try:
-            made = state.build_demo(lambda text: progress(0.5, desc=text))
+            made = state.build_demo(lambda text: progress(0.5, desc=text), style=style)
         except Exception as e:  # noqa: BLE001 - one line in the banner (the server log has the rest)
             return (gr.update(value=error_md(f"the demo could not be created: {first_line(e)}"), visible=True),
                     *[gr.skip()] * (len(targets) - 1))
-        note = "" if made else (f"The demo already exists in `{state.root / 'demo'}`: the forms are filled with it "
-                                "again (your edits to them are replaced).")
+        note = "" if made else (f"The demo already exists in `{state.root / 'demo'}` in the '{style}' style: the "
+                                "forms are filled with it again (your edits to them are replaced).")
         return demo_fill(note)
-    reg.get("page.demo_button").click(on_demo_click, None, targets, concurrency_id="demo")
+    reg.get("page.demo_button").click(on_demo_click, reg.get("page.demo_style"), targets, concurrency_id="demo")
 
     def on_demo_poll():
         status = state.demo.status
@@ -102,6 +112,7 @@ def wire_page(state: AppState, reg: Registry, app: gr.Blocks) -> None:
             out = list(demo_fill())
         elif state.demo.status != "none":
             out[0] = gr.update(value=demo_banner(state), visible=True)
+            out[style_at] = state.demo_style  # the style made last, also after a switch in another page
         if job is not None and job.config_path.is_file():
             try:
                 cfg = C.load_config(job.config_path)

@@ -115,12 +115,15 @@ class AppState:
         except (OSError, ValueError):
             self.chosen = []
         self.demo = DemoState()
+        from app.demo import DEMO_STYLES, load_demo_info
+        self.demo_style = DEMO_STYLES[0]  # what the demo picker shows first (`lorastudio ui --demo-style`)
         self.gen = GenerationSession()
         self.jobs = jobs if jobs is not None else JobManager()
-        from app.demo import load_demo_info
         info = load_demo_info(self.root)
         if info is not None:
             self.demo.status, self.demo.info = "ready", info
+            if info.style in DEMO_STYLES:
+                self.demo_style = info.style
 
     # ---- folders
 
@@ -213,12 +216,17 @@ class AppState:
 
     # ---- the demo
 
-    def build_demo(self, progress_cb=None) -> bool:
-        """Create the demo (model, pictures, preset) once; safe from a thread and a button. False: it existed."""
-        from app.demo import create_demo
+    def build_demo(self, progress_cb=None, style: str | None = None) -> bool:
+        """Create the demo (model, pictures in ``style``, preset) once per style; safe from a thread and a button.
+        False: it existed in that style. ``style`` None: the style made last, else the first of DEMO_STYLES."""
+        from app.demo import DEMO_STYLES, check_style, create_demo
         with self.demo.lock:
-            if self.demo.status == "ready":
+            current = self.demo.info.style if self.demo.info is not None else None
+            style = check_style(style or current or DEMO_STYLES[0])
+            if self.demo.status == "ready" and current == style:
                 return False
+            if self.demo.status == "building":
+                raise UserError("the demo is being created already; wait for the banner to say it is ready")
             self.demo.status, self.demo.message = "building", ""
 
         def say(text: str) -> None:
@@ -226,11 +234,12 @@ class AppState:
             if progress_cb is not None:
                 progress_cb(text)
         try:
-            info = create_demo(self.root, progress=say)
+            info = create_demo(self.root, style=style, progress=say)
         except Exception as e:  # noqa: BLE001 - shown in the banner
             log.exception("demo creation failed")
             self.demo.status, self.demo.message = "failed", first_line(e)
             raise
         self.remember_folder(info.images)
+        self.demo_style = style
         self.demo.status, self.demo.info, self.demo.message = "ready", info, ""
         return True

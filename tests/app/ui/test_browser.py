@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from app.demo import DEMO_STYLES
 from tests.fixtures.waits import HANG_MS, HANG_S
 
 CHROMIUM = "/usr/bin/chromium"
@@ -39,6 +40,7 @@ LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
 # the demo runs on the committed toy-world base (pretrained here), not on random weights
 DEMO_LABEL = "toy-world model, pretrained here"
 DEMO_MODEL = re.compile(r"trainer/assets/toyworld$")
+DEMO_PICTURES = re.compile(rf"demo/{DEMO_STYLES[0]}/images$")  # the default demo style's own folder
 SHOTS = os.environ.get("LORASTUDIO_SCREENSHOTS")  # a folder: save the documentation screenshots there
 
 
@@ -137,7 +139,7 @@ def test_page_has_four_tabs_and_demo_fills_the_forms(page):
         expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
     # --demo builds the tiny model in the background; the banner says what it is and the forms fill in
     expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL, timeout=HANG_MS)
-    expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"), timeout=HANG_MS)
+    expect(page.locator("#ds-folder input")).to_have_value(DEMO_PICTURES, timeout=HANG_MS)
     tab(page, "Train")
     expect(page.locator(f"#{field(page, 'model.base')} input")).to_have_value(DEMO_MODEL)
     expect(page.locator(f"#{field(page, 'data.resolution')} input")).to_have_value("64")
@@ -153,7 +155,7 @@ def test_creating_the_demo_again_says_it_exists_and_fills_the_forms(page):
     page.locator("#demo-btn").click()
     expect(page.locator("#demo-banner")).to_contain_text("The demo already exists", timeout=HANG_MS)
     expect(page.locator("#demo-banner")).to_contain_text(DEMO_LABEL)
-    expect(page.locator("#ds-folder input")).to_have_value(re.compile(r"demo/images$"))
+    expect(page.locator("#ds-folder input")).to_have_value(DEMO_PICTURES)
 
 
 def test_scan_caption_edit_and_bucket_preview(page, server):

@@ -130,3 +130,15 @@ def test_demo_style_without_demo_is_refused(capsys):
     assert main(["ui", "--demo-style", "outline"]) != 0
     err = capsys.readouterr().err
     assert "--demo-style: use it with --demo" in err and "Traceback" not in err
+
+
+def test_the_gui_docs_list_the_offered_styles():
+    """docs/gui.md's two style tables and the measuring command follow DEMO_STYLES (edit them when it changes)."""
+    from app.demo import DEMO_STYLE_HELP, DEMO_STYLES
+    text = (Path(__file__).resolve().parents[3] / "docs" / "gui.md").read_text(encoding="utf-8")
+    section = text.split("## The first-run demo", 1)[1].split("\n## ", 1)[0]
+    described = [line for line in section.splitlines() if line.startswith("| `")]
+    assert [line.split("`")[1] for line in described] == [*DEMO_STYLES, *DEMO_STYLES]
+    for s in DEMO_STYLES:
+        assert f"| `{s}` | {DEMO_STYLE_HELP[s]} |" in section, s
+    assert f"--styles {','.join(DEMO_STYLES)} --score-every 600" in section

@@ -45,13 +45,13 @@ def create_header(state: AppState, reg: Registry) -> None:
     with gr.Row(equal_height=False):
         gr.Markdown("# LoRA Studio\nCaption, bucket, train and mix Stable Diffusion LoRAs. "
                     f"Root: `{state.root}`", elem_id="title")
-        with gr.Column(scale=0, min_width=320):
+        with gr.Column(scale=0, min_width=420):
             r("page.demo_style", gr.Dropdown(
                 [(style_help(s), s) for s in DEMO_STYLES], value=state.demo_style, label="Demo style",
                 info="the style the demo's pictures are drawn in; the demo trains it with the trigger word",
                 elem_id="demo-style"))
             r("page.demo_button", gr.Button("Create the demo (tiny model + drawn pictures)", size="md",
-                                            min_width=320, elem_id="demo-btn"))
+                                            min_width=420, elem_id="demo-btn"))
     r("page.demo_banner", gr.Markdown(demo_banner(state), elem_id="demo-banner", elem_classes="ls-banner",
                                       visible=state.demo.status != "none"))
     r("page.demo_poll", gr.Timer(1.0, active=False))

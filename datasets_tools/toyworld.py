@@ -1,4 +1,4 @@
-"""Toy world: drawn 64 px coloured shapes with captions, two styles, their statistics, and a content scorer.
+"""Toy world: drawn 64 px coloured shapes with captions, the styles and their statistics, and a content scorer.
 
 Everything here is numpy + Pillow (no torch), so datasets, tests and the GUI demo can use it cheaply.
 
@@ -22,6 +22,10 @@ Everything here is numpy + Pillow (no torch), so datasets, tests and the GUI dem
 * The **scorer** (``score_image``) reads colour and shape back from any picture, generated or drawn, styled
   or not: colour is the hue of saturated, not-dark pixels; shape comes from the row-width profile of those
   pixels (fill ratio, top against bottom width). It scores 100% on drawn pictures, with or without a style.
+* The **style suite** (``STYLE_KINDS``, docs/toyworld-suite.md) adds a cool colour ``grade`` of the whole picture,
+  two elements at a fixed place under the shape (a ``ground`` line across the picture's foot, a corner ``badge``) and
+  a ``punched`` shape (a dark hole at its centroid), each with its own statistic; ``HELD_OUT`` names three styles
+  a recipe is not tuned on.
 * ``make_dataset`` writes PNG + same-stem ``.txt`` caption folders, the layout the trainer reads.
 """
 

@@ -251,6 +251,22 @@ def test_trainer_failure_is_shown_and_the_app_keeps_working(page, server):
     fill(page, field(page, "output.name"), "demo-lora")
 
 
+def trainer_pids(root: Path) -> list[int]:
+    """The trainer processes the app started for this test's root (``python -m trainer --config <root>/...``)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in argv]
+        if "trainer" in args and "--config" in args and any(str(root) in a for a in args):
+            pids.append(int(d.name))
+    return pids
+
+
 def test_train_live_progress_reattach_stop_resume(page, server):
     fill(page, field(page, "train.max_steps"), "10")
     fill(page, field(page, "train.learning_rate"), "0.001")
@@ -268,6 +284,12 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     expect(progress).to_have_attribute("data-state", "running", timeout=HANG_MS)
     expect(progress).to_contain_text(re.compile(r"step [1-9]\d* / 10"), timeout=HANG_MS)
     expect(progress).to_contain_text("ETA")
+    # Hold the trainer still (SIGSTOP) while the page is checked, so a fast machine cannot finish the 10 steps before
+    # Stop is pressed; Stop's SIGINT waits for SIGCONT and is handled at the next step.
+    frozen = trainer_pids(server["root"])
+    assert frozen, "the trainer finished before it could be held"
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
 
     # the rest of the app answers while the trainer runs (it is a separate process)
     tab(page, "Dataset")
@@ -287,6 +309,9 @@ def test_train_live_progress_reattach_stop_resume(page, server):
 
     # one job at a time
     page.locator("#tr-stop").click()
+    expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "stopping")
+    for pid in frozen:
+        os.kill(pid, signal.SIGCONT)
     expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "stopped", timeout=HANG_MS)
     expect(page.locator("#tr-status")).to_contain_text("a checkpoint was saved")
     stopped_at = int(page.locator("#train-progress-bar").get_attribute("data-step"))

@@ -48,7 +48,7 @@ def style_page(tmp_path_factory):
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(30)
+            proc.wait(5)  # the server is done with; a gradio server that lingers after SIGINT is killed
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()

@@ -11,6 +11,7 @@ keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -64,19 +65,20 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(url)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ui_root")
-    home = tmp_path_factory.mktemp("ui_home")
+@contextlib.contextmanager
+def ui_server(root: Path, home: Path, *args: str):
+    """`lorastudio ui --root ROOT [ARGS]` on a free loopback port with LORASTUDIO_HOME=HOME, its output in
+    ROOT/server.log; yields the page's URL once it is served. Every browser test's server is this one."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO),
            "LORASTUDIO_HOME": str(home), "TOKENIZERS_PARALLELISM": "false"}
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port),
-                             "--demo"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port), *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
-        wait_http(f"http://127.0.0.1:{port}/", HANG_S, proc)
-        yield {"url": f"http://127.0.0.1:{port}/", "root": root, "home": home, "proc": proc}
+        url = f"http://127.0.0.1:{port}/"
+        wait_http(url, HANG_S, proc)
+        yield url
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -86,16 +88,32 @@ def server(tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@contextlib.contextmanager
+def browser_page(url: str, **context_options):
+    """A Chromium page (1400x1000, the hang guard as its default timeout) on URL, closed at the end."""
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
-        pg = context.new_page()
-        pg.set_default_timeout(HANG_MS)
-        pg.goto(server["url"])
+        try:
+            pg = browser.new_context(viewport={"width": 1400, "height": 1000}, **context_options).new_page()
+            pg.set_default_timeout(HANG_MS)
+            pg.goto(url)
+            yield pg
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ui_root")
+    home = tmp_path_factory.mktemp("ui_home")
+    with ui_server(root, home, "--demo") as url:
+        yield {"url": url, "root": root, "home": home}
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with browser_page(server["url"], accept_downloads=True) as pg:
         yield pg
-        browser.close()
 
 
 def tab(page, name: str) -> None:
@@ -323,7 +341,7 @@ def test_train_live_progress_reattach_stop_resume(page, server):
     expect(page.locator("#train-progress-bar")).to_have_attribute("data-state", "completed", timeout=HANG_MS)
     expect(page.locator("#train-progress-bar")).to_contain_text("step 10 / 10")
     expect(page.locator("#tr-status")).to_contain_text("demo-lora.safetensors")
-    expect(page.locator("#tr-log")).to_contain_text(f"resumed from")
+    expect(page.locator("#tr-log")).to_contain_text("resumed from")
     expect(page.locator("#tr-samples img").first).to_be_visible(timeout=HANG_MS)
     expect(page.locator("#tr-loss canvas, #tr-loss svg").first).to_be_visible()
     assert "common." not in page.locator("body").inner_text()

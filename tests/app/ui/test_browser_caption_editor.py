@@ -8,17 +8,13 @@ by text; bulk add and remove a tag on the filtered and on the checked pictures, 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.app.ui.test_browser import CHROMIUM, LAUNCH_ARGS, fill, free_port, shot, wait_http
+from tests.app.ui.test_browser import CHROMIUM, browser_page, fill, shot, ui_server
 from tests.fixtures.images import draw_image
-from tests.fixtures.waits import HANG_MS, HANG_S
+from tests.fixtures.waits import HANG_MS
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")]
@@ -42,32 +38,8 @@ def editor(tmp_path_factory):
                 (pics / f"{colour}_{shape}_{k:02d}.txt").write_text(f"zxq, {colour} {shape}", encoding="utf-8")
                 n += 1
     draw_image(64, 64, 99).save(pics / "a_new_00.png")  # no caption yet; first by name
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO),
-           "LORASTUDIO_HOME": str(tmp_path_factory.mktemp("editor_ui_home")), "TOKENIZERS_PARALLELISM": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", HANG_S, proc)
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.set_default_timeout(HANG_MS)
-            expect.set_options(timeout=HANG_MS)  # every expect() waits on the hang guard, not on 5 s
-            page.goto(f"http://127.0.0.1:{port}/")
-            try:
-                yield {"page": page, "root": root, "pics": pics, "per_page": DEFAULT_PAGE_SIZE}
-            finally:
-                expect.set_options(timeout=None)
-                browser.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(5)  # the server is done with; a gradio server that lingers after SIGINT is killed
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with ui_server(root, tmp_path_factory.mktemp("editor_ui_home")) as url, browser_page(url) as page:
+        yield {"page": page, "root": root, "pics": pics, "per_page": DEFAULT_PAGE_SIZE}
 
 
 def caption(pics: Path, stem: str) -> str:

@@ -5,18 +5,14 @@ folder point at its pictures, and a reloaded page keeps the picked style."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from app.demo import DEMO_STYLE_HELP, DEMO_STYLES, style_help
-from tests.app.ui.test_browser import CHROMIUM, LAUNCH_ARGS, field, free_port, tab, wait_http
-from tests.fixtures.waits import HANG_MS, HANG_S
+from tests.app.ui.test_browser import CHROMIUM, browser_page, field, tab, ui_server
+from tests.fixtures.waits import HANG_MS
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium"),
@@ -30,28 +26,9 @@ ASKED, PICKED = DEMO_STYLES[1], DEMO_STYLES[2]  # neither is the default
 @pytest.fixture(scope="module")
 def style_page(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_style_root")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO),
-           "LORASTUDIO_HOME": str(tmp_path_factory.mktemp("demo_style_home")), "TOKENIZERS_PARALLELISM": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port),
-                             "--demo", "--demo-style", ASKED], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", HANG_S, proc)
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.set_default_timeout(HANG_MS)
-            page.goto(f"http://127.0.0.1:{port}/")
-            yield page, root
-            browser.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(5)  # the server is done with; a gradio server that lingers after SIGINT is killed
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    home = tmp_path_factory.mktemp("demo_style_home")
+    with ui_server(root, home, "--demo", "--demo-style", ASKED) as url, browser_page(url) as page:
+        yield page, root
 
 
 def test_pick_a_demo_style_and_the_forms_point_at_its_pictures(style_page):

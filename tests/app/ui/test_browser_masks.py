@@ -4,19 +4,15 @@ exactly; a wrong model is one line beside the button; Use for training fills the
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.app.ui.test_browser import CHROMIUM, LAUNCH_ARGS, field, fill, free_port, tab, wait_http
-from tests.fixtures.waits import HANG_MS, HANG_S
+from tests.app.ui.test_browser import CHROMIUM, browser_page, field, fill, tab, ui_server
+from tests.fixtures.waits import HANG_MS
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")]
@@ -46,28 +42,8 @@ def masks_page(tmp_path_factory):
     pattern_image(*SIZES["b"], 2).save(data / "b.png")
     pattern_image(*SIZES["c"], 3).save(data / "c.jpg", quality=90)
     model = save_tiny_clipseg(root / "models" / "tiny-clipseg")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO),
-           "LORASTUDIO_HOME": str(tmp_path_factory.mktemp("masks_ui_home")), "TOKENIZERS_PARALLELISM": "false"}
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "ui", "--root", str(root), "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/", HANG_S, proc)
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-            page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
-            page.set_default_timeout(HANG_MS)
-            page.goto(f"http://127.0.0.1:{port}/")
-            yield page, data, model
-            browser.close()
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(5)  # the server is done with; a gradio server that lingers after SIGINT is killed
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with ui_server(root, tmp_path_factory.mktemp("masks_ui_home")) as url, browser_page(url) as page:
+        yield page, data, model
 
 
 def make(page) -> None:

@@ -151,6 +151,13 @@ def _pick_device(device: str) -> str:
     return "cpu"
 
 
+def _auto_dtype(device: str):
+    """The dtype a model runs in on DEVICE when none is asked for: fp16 on CUDA, fp32 elsewhere."""
+    import torch
+
+    return torch.float16 if device == "cuda" else torch.float32
+
+
 # ----------------------------------------------------------------------------------------------- template
 _NUM_PREFIX = re.compile(r"^\d+_")
 _TRAILING_NUM = re.compile(r"[\s_\-(]*\d+\)?$")
@@ -223,7 +230,7 @@ class TransformersCaptioner(Captioner):
                                    f"(BLIP, BLIP-2, GIT, ...)", path=model, field="--model")
             self.device = _pick_device(device)
             if dtype == "auto":
-                torch_dtype = torch.float16 if self.device == "cuda" else torch.float32
+                torch_dtype = _auto_dtype(self.device)
             else:
                 torch_dtype = getattr(torch, dtype)
             try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DatasetError, first_line
-from .captioners import DEVICE_CHOICES
+from .captioners import DEVICE_CHOICES, _auto_dtype, _looks_like_path, _pick_device, quiet_transformers
 from .folder import Problem, check_folder, collect_images, is_image_file
 
 #: The folder the masks go to, inside the dataset folder (``lorastudio masks DIR`` -> ``DIR/masks``).
@@ -152,23 +152,6 @@ def shape_mask(prob, *, threshold: float | None, grow: int = 0, blur: float = 0.
 # ------------------------------------------------------------------------------------------------ CLIPSeg
 
 
-def _looks_like_path(model: str) -> bool:
-    # Hub ids are 'owner/name'; anything absolute, relative-dotted, home-based or existing is a path.
-    return (os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
-            or model.count("/") > 1 or "\\" in model)
-
-
-def _pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 class ClipSegMasker:
     """transformers' CLIPSegForImageSegmentation + CLIPSegProcessor from a local folder or a hub id."""
 
@@ -183,15 +166,10 @@ class ClipSegMasker:
                 raise DatasetError(f"CLIPSeg model not found: {model}", path=model, field="--model")
         if device not in DEVICES:
             raise DatasetError(f"device: '{device}' is not one of {', '.join(DEVICES)}", field="--device")
-        import torch
         import transformers
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        verbosity = transformers.logging.get_verbosity()
-        bars = transformers.utils.logging.is_progress_bar_enabled()
-        transformers.logging.set_verbosity_error()  # the weight-loading bar would bury our own progress bar
-        transformers.utils.logging.disable_progress_bar()
-        try:
+        with quiet_transformers():  # the weight-loading bar would bury our own progress bar
             try:
                 config = transformers.AutoConfig.from_pretrained(model)
             except Exception as e:  # noqa: BLE001 - any failure here means "not a model folder / id"
@@ -206,17 +184,13 @@ class ClipSegMasker:
                 raise DatasetError(f"{model} is a '{kind}' model, not CLIPSeg (e.g. CIDAS/clipseg-rd64-refined)",
                                    path=model, field="--model")
             self.device = _pick_device(device)
-            self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+            self.dtype = _auto_dtype(self.device)
             try:
                 self.processor = CLIPSegProcessor.from_pretrained(model)
                 self.model = CLIPSegForImageSegmentation.from_pretrained(model, dtype=self.dtype)
             except Exception as e:  # noqa: BLE001
                 raise DatasetError(f"cannot load CLIPSeg model {model}: {first_line(e)}", path=model,
                                    field="--model") from None
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-            if bars:
-                transformers.utils.logging.enable_progress_bar()
         try:
             self.model.to(self.device).eval()
         except (RuntimeError, AssertionError) as e:  # torch built without that device, or none present

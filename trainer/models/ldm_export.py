@@ -170,6 +170,36 @@ def clip_to_openclip(state_dict: dict, prefix: str, *, extra_last_block: bool) -
     return out
 
 
+def clip_layer_to_ldm(path: str, prefix: str, *, openclip: bool, hidden: int) -> tuple[str, tuple[int, int] | None]:
+    """Where the weight of a CLIP text-model layer (``text_model.encoder.layers.N.self_attn.q_proj``,
+    ``...mlp.fc1``) is in a single file: its key, and for OpenCLIP's q/k/v the rows of the fused
+    ``attn.in_proj_weight`` that are this layer (the layout :func:`clip_to_ldm` / :func:`clip_to_openclip` write)."""
+    if not openclip:
+        return f"{prefix}{path}.weight", None
+    src = "text_model.encoder.layers."
+    if not path.startswith(src):
+        raise ValueError(f"text-encoder layer {path!r} has no place in the OpenCLIP layout")
+    i, _, rest = path[len(src):].partition(".")
+    dst = f"{prefix}transformer.resblocks.{int(i)}."
+    for n, p in enumerate("qkv"):
+        if rest == f"self_attn.{p}_proj":
+            return f"{dst}attn.in_proj_weight", (n * hidden, (n + 1) * hidden)
+    return _rename("." + rest + ".weight", _CLIP_TO_OPENCLIP).replace(".", dst, 1), None
+
+
+def modelspec_metadata(family: str, v_pred: bool) -> dict:
+    """The ``modelspec.*`` metadata a single file of this family and prediction type gets."""
+    if family == "sdxl":
+        arch, impl = "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"
+    elif family == "sd2":
+        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
+        impl = "https://github.com/Stability-AI/stablediffusion"
+    else:
+        arch, impl = "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
+            "modelspec.implementation": impl, "modelspec.prediction_type": "v" if v_pred else "epsilon"}
+
+
 def pipeline_to_ldm(pipe) -> tuple[dict, dict]:
     """(state dict, safetensors metadata) of a StableDiffusion(XL)Pipeline in the original single-file layout."""
     import torch
@@ -180,26 +210,21 @@ def pipeline_to_ldm(pipe) -> tuple[dict, dict]:
         sd.update(clip_to_ldm(pipe.text_encoder.state_dict(), "conditioner.embedders.0.transformer."))
         sd.update(clip_to_openclip(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model.",
                                    extra_last_block=False))
-        family, arch, impl = "sdxl", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"
+        family = "sdxl"
     elif pipe.text_encoder.config.hidden_act == "gelu" or pipe.unet.config.use_linear_projection:
         # OpenCLIP text encoder (gelu) + linear projections: SD2
         sd.update(clip_to_openclip(pipe.text_encoder.state_dict(), "cond_stage_model.model.", extra_last_block=True))
-        family, impl = "sd2", "https://github.com/Stability-AI/stablediffusion"
-        arch = None
+        family = "sd2"
     else:
         sd.update(clip_to_ldm(pipe.text_encoder.state_dict(), "cond_stage_model.transformer."))
-        family, arch, impl = "sd1", "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"
+        family = "sd1"
     sched = pipe.scheduler.config
     v_pred = sched.get("prediction_type", "epsilon") == "v_prediction"
-    if family == "sd2":
-        arch = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
     if v_pred:
         sd["v_pred"] = torch.tensor([])  # ComfyUI's marker
     if sched.get("rescale_betas_zero_snr", False):
         sd["ztsnr"] = torch.tensor([])
-    metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
-                "modelspec.implementation": impl, "modelspec.prediction_type": "v" if v_pred else "epsilon"}
-    return sd, metadata
+    return sd, modelspec_metadata(family, v_pred)
 
 
 def save_single_file(pipe, path: str | Path, *, dtype=None, metadata: dict | None = None) -> Path:

@@ -1,7 +1,18 @@
 """Bake LoRAs into a base model: one single-file checkpoint (LDM/SGM keys) or a diffusers folder.
 
-The base is loaded once, in the output dtype, with the project's loader; every LoRA module's delta is added to
-its layer in fp32 and cast back, one layer at a time, so the model's weights are never held twice. The
+A ``.safetensors`` single-file base baked to a single file is streamed, tensor by tensor: the model's layout is
+built from the file's header alone (``load_single_file(meta=True)``, which also runs the loader's checks), the
+LoRA modules are matched to that layout's layers, and each layer's key in the file is found with the exporter's
+own key mapping (:mod:`trainer.models.ldm_export`). The output header (same names, shapes and order; floating
+tensors in the output dtype) is written first, then every tensor is read from the base, has its LoRA deltas added
+in fp32 when it is a patched weight, is cast once and appended. Memory stays at about one tensor plus the LoRAs,
+whatever the checkpoint's size. Keys that are not part of the model (EMA copies, a stored training schedule) are
+left out, as the loader ignores them; old SD1 and generative-models SD2 key spellings are written as the loader
+reads them.
+
+Any other base (a diffusers folder, a hub id, a weights-only ``.ckpt``) and a ``--diffusers`` output go through
+the model: the base is loaded once, in the output dtype, with the project's loader; every LoRA module's delta is
+added to its layer in fp32 and cast back, one layer at a time, so the model's weights are never held twice. The
 single-file writer (:func:`trainer.models.ldm_export.save_single_file`) then serialises references to those
 weights. Nothing is written under the output name until the whole file (or folder) is complete.
 """
@@ -69,11 +80,13 @@ class BakeResult:
 
 def bake(base: str | Path, loras: Sequence, out: str | Path, *, dtype: str = "fp16", diffusers: bool = False,
          overwrite: bool = False, family: str = "auto", allow_partial: bool = False,
-         progress: Progress | None = None) -> BakeResult:
+         progress: Progress | None = None, stream: bool = True) -> BakeResult:
     """Fuse ``loras`` (``LoraSpec`` or ``FILE:W`` / ``FILE:TE:UNET`` text) into ``base`` and write ``out``.
 
     ``out`` is a ``.safetensors`` file, or with ``diffusers=True`` a folder. Bad input (files, families, shapes,
     an existing output without ``overwrite``) is a one-line ``UserError`` raised before anything is written.
+    A ``.safetensors`` base baked to a single file is streamed tensor by tensor; ``stream=False`` bakes it
+    through the loaded model instead, as every other base is (the benchmark compares the two).
     """
     from trainer.lora.io import SAVE_DTYPES
 
@@ -92,6 +105,10 @@ def bake(base: str | Path, loras: Sequence, out: str | Path, *, dtype: str = "fp
     base_path = Path(str(base)).expanduser()
     if base_path.exists() and _same_file_key(out) == _same_file_key(base_path):
         raise UserError(f"{out}: the output would overwrite the base model; choose another name", path=str(out))
+
+    if stream and not diffusers and base_path.is_file() and base_path.suffix.lower() == ".safetensors":
+        return _bake_streaming(str(base), base_path, specs, out, dtype, torch_dtype, family, allow_partial,
+                               progress, start)
 
     _step(progress, "loading base model", 0, 1)
     model = _load_base(str(base), family, torch_dtype)
@@ -237,25 +254,188 @@ def _fuse(plan: dict, progress: Progress | None) -> None:
     with torch.no_grad():
         for i, (layer, items) in enumerate(plan.items()):
             w = layer.weight
-            w0 = (w.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-                  if any(lm.dora_scale is not None for _, lm, _ in items) else None)
             in_place = w.dtype == torch.float32 and w.is_contiguous()
             acc = w.data if in_place else w.detach().to(torch.float32, memory_format=torch.contiguous_format)
-            flat = acc.view(acc.shape[0], -1)
-            for m, lm, dyn in items:
-                if lm.is_plain:
-                    r = lm.rank if dyn is None else min(dyn, lm.rank)
-                    up = lm.up.reshape(lm.up.shape[0], -1)[:, :r].to(flat.device)
-                    down = lm.down.reshape(lm.rank, -1)[:r].to(flat.device)
-                    flat.addmm_(up, down, alpha=m * lm.scale)
-                elif lm.dora_scale is not None:
-                    flat.add_(lm.delta(m, base_weight=w0).reshape(flat.shape).to(flat.device))
-                else:  # Tucker core, LoHa, LoKr: the module computes the full update (dyn is LoRA's only)
-                    flat.add_(lm.delta(m, flat.shape).to(flat.device))
+            _add_deltas(acc, items)
             if not in_place:
                 w.data.copy_(acc)  # one rounding, fp32 -> the layer's dtype
-            del acc, flat, w0
+            del acc
             _step(progress, "fusing", i + 1, total)
+
+
+def _add_deltas(acc, items: list) -> None:
+    """acc (a contiguous fp32 weight, or contiguous rows of one) += sum m * ΔW of ``items``, in place."""
+    import torch
+
+    w0 = (acc.clone() if any(lm.dora_scale is not None for _, lm, _ in items) else None)
+    flat = acc.view(acc.shape[0], -1)
+    for m, lm, dyn in items:
+        if lm.is_plain:
+            r = lm.rank if dyn is None else min(dyn, lm.rank)
+            up = lm.up.reshape(lm.up.shape[0], -1)[:, :r].to(flat.device, torch.float32)
+            down = lm.down.reshape(lm.rank, -1)[:r].to(flat.device, torch.float32)
+            flat.addmm_(up, down, alpha=m * lm.scale)
+        elif lm.dora_scale is not None:
+            flat.add_(lm.delta(m, base_weight=w0).reshape(flat.shape).to(flat.device))
+        else:  # Tucker core, LoHa, LoKr: the module computes the full update (dyn is LoRA's only)
+            flat.add_(lm.delta(m, flat.shape).to(flat.device))
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+
+
+def _bake_streaming(source: str, path: Path, specs: list, out: Path, dtype: str, torch_dtype, family: str,
+                    allow_partial: bool, progress: Progress | None, start: float) -> BakeResult:
+    """The single-file bake, one tensor at a time (see the module docstring)."""
+    from types import SimpleNamespace
+
+    from trainer.models.ldm_export import modelspec_metadata
+    from trainer.models.single_file import MARKER_KEYS, MODEL_PREFIXES, load_single_file, loader_keys
+
+    _step(progress, "loading base model", 0, 1)
+    try:
+        parts = load_single_file(path, dtype=torch_dtype, meta=True)
+    except UserError:
+        raise
+    except Exception as e:  # whatever a library raises on a damaged file: one line naming the base
+        raise UserError(f"{source}: cannot load the base model ({type(e).__name__}: {first_line(e)})",
+                        path=source) from None
+    if family not in ("auto", parts.family):
+        raise UserError(f"{source}: model.family is '{family}' but this is an {parts.family} model; set "
+                        f"model.family to 'auto' or '{parts.family}'", field="model.family")
+    model = SimpleNamespace(family=parts.family, prediction_type=parts.prediction_type, unet=parts.unet,
+                            text_encoders=list(parts.text_encoders), source=source,
+                            name=os.path.basename(source.rstrip("/\\")) or source)
+    _step(progress, "loading base model", 1, 1)
+
+    plan, baked = _match(model, specs, allow_partial)
+    header = _read_header(path)
+    _, names = loader_keys(header.tensors, str(path))
+    keep = MODEL_PREFIXES[model.family]
+    entries = [(new, old) for new, old in names.items() if new.startswith(keep) or new in MARKER_KEYS]
+    entries.sort(key=lambda e: header.tensors[e[1]].offsets)  # the base is read front to back
+    if model.prediction_type == "v_prediction" and "v_pred" not in names:
+        entries.append(("v_pred", None))  # ComfyUI's marker, as the exporter writes it
+    targets = _locate(model, plan, {new for new, _ in entries}, path)
+
+    meta = {**modelspec_metadata(model.family, model.prediction_type == "v_prediction"),
+            "modelspec.title": out.stem, **_record(model, baked, dtype)}
+    _make_folder(out)
+    size = _write_streamed(header, entries, targets, out, meta, torch_dtype, progress)
+    return BakeResult(out, size, model.family, model.prediction_type, dtype, False, baked,
+                      time.perf_counter() - start)
+
+
+def _read_header(path: Path):
+    from trainer.common.safetensors_header import read_header
+    return read_header(path)
+
+
+def _locate(model, plan: dict, keys: set, path: Path) -> dict[str, list]:
+    """single-file key -> [(rows or None, plan items)] for every patched layer of the (meta) model."""
+    from trainer.lora.keymap import TE_COMPONENTS, te_canonical_path
+    from trainer.models.ldm_export import UNET_PREFIX, clip_layer_to_ldm, unet_to_ldm
+    from trainer.models.single_file import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2
+
+    te_prefix = {"sd1": [(SD1_TE, False)], "sd2": [(SD2_TE, True)],
+                 "sdxl": [(SDXL_TE1, False), (SDXL_TE2, True)]}[model.family]
+    where = {}
+    for path_, layer in model.unet.named_modules():
+        if layer in plan:
+            (key,) = unet_to_ldm({f"{path_}.weight": None}, model.unet.config)
+            where[layer] = (key, None)
+    for i, te in enumerate(model.text_encoders):
+        prefix, openclip = te_prefix[i]
+        for path_, layer in te.named_modules():
+            if layer in plan:
+                canon = te_canonical_path(path_)
+                if canon is None:
+                    raise UserError(f"{path}: the text-encoder layer {TE_COMPONENTS[i]}:{path_} has no place in "
+                                    "the single-file layout", path=str(path))
+                where[layer] = clip_layer_to_ldm(canon, prefix, openclip=openclip,
+                                                 hidden=te.config.hidden_size)
+    targets: dict[str, list] = {}
+    for layer, items in plan.items():
+        key, rows = where[layer]
+        if key not in keys:
+            raise UserError(f"{path}: the checkpoint has no {key}, which a LoRA module patches; the file's "
+                            "layout is not one LoRA Studio can bake into", path=str(path))
+        targets.setdefault(key, []).append((rows, items))
+    return targets
+
+
+def _write_streamed(header, entries: list, targets: dict, out: Path, meta: dict, torch_dtype,
+                    progress: Progress | None) -> int:
+    """Write the output's header from the input's (same shapes, floating tensors in ``torch_dtype``), then each
+    tensor in turn, under a temporary name that becomes ``out`` only once the file is complete."""
+    import struct
+
+    import torch
+
+    from trainer.models.single_file import _ST_DTYPES
+
+    to_st = {v: k for k, v in _ST_DTYPES.items()}
+    out_name = str(torch_dtype).removeprefix("torch.")
+    plan = []  # (out key, in key, in dtype, out dtype, shape)
+    head: dict = {"__metadata__": {k: str(v) for k, v in meta.items()}}
+    offset = 0
+    for new, old in entries:
+        info = header.tensors[old] if old is not None else None
+        src = _ST_DTYPES[info.dtype] if info is not None else out_name
+        dst = out_name if getattr(torch, src).is_floating_point else src
+        shape = list(info.shape) if info is not None else [0]
+        n = math.prod(shape) * getattr(torch, dst).itemsize
+        head[new] = {"dtype": to_st[dst], "shape": shape, "data_offsets": [offset, offset + n]}
+        plan.append((new, old, src, dst, shape, n))
+        offset += n
+    blob = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+
+    tmp = _temp_name(out, "partial.safetensors")
+    try:
+        with open(header.path, "rb") as fin, open(tmp, "wb") as fout:
+            fout.write(struct.pack("<Q", len(blob)))
+            fout.write(blob)
+            for i, (new, old, src, dst, shape, n) in enumerate(plan):
+                if old is None:
+                    t = torch.zeros(shape, dtype=getattr(torch, dst))
+                else:
+                    t = _read_tensor(fin, header, old, getattr(torch, src), shape)
+                    if new in targets:
+                        t = t.to(torch.float32, copy=True)
+                        with torch.no_grad():
+                            for rows, items in targets[new]:
+                                _add_deltas(t if rows is None else t[rows[0]:rows[1]], items)
+                    t = t.to(getattr(torch, dst))  # one rounding
+                data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                if data.nbytes != n:  # cannot happen for a valid header; never write a wrong file
+                    raise UserError(f"{header.path}: tensor {old} does not have the size its header gives",
+                                    path=str(header.path))
+                fout.write(memoryview(data))
+                del t, data
+                _step(progress, "writing", i + 1, len(plan))
+        os.replace(tmp, out)
+    except OSError as e:
+        raise UserError(f"{out}: could not write the checkpoint ({e.strerror or first_line(e)})",
+                        path=str(out)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out.stat().st_size
+
+
+def _read_tensor(f, header, key: str, dtype, shape: list):
+    """One tensor of the base, read with plain file reads (no memory map, so nothing of the file stays resident)."""
+    import torch
+
+    begin, end = header.tensors[key].offsets
+    buf = bytearray(end - begin)
+    f.seek(header.data_start + begin)
+    if f.readinto(buf) != len(buf):
+        raise UserError(f"{header.path}: the file ends inside tensor {key} (an interrupted download?)",
+                        path=str(header.path))
+    if not buf:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------------- writing

@@ -158,8 +158,45 @@ def test_diffusers_folder_output(files, tiny_sd1_dir):
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []
 
 
-def test_fused_in_place_and_written_without_a_second_copy(files, monkeypatch):
-    """The writer is handed the loaded model's own tensors (fp16 base, fp16 file): no copy of the weights."""
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_a_single_file_base_is_streamed_and_gives_what_the_model_bake_gives(files, family, request, monkeypatch):
+    """From a single file the bake reads one tensor at a time (never the whole checkpoint) and writes the same
+    tensors, with the same names, as the bake through the loaded model (text encoders included: SD2's and SDXL's
+    second are OpenCLIP, with q/k/v fused in one matrix)."""
+    from safetensors.torch import load_file
+
+    import trainer.models.single_file as sf
+    from trainer.lora.tools.bake import bake
+    from trainer.models.ldm_export import save_single_file
+    folder = request.getfixturevalue(f"tiny_{family}_dir")
+    lora = {"sd1": files["a"], "sd2": files["sd2"], "sdxl": files["xl"]}[family]
+    d = files["dir"] / f"streamed_{family}"
+    single = save_single_file(_load(folder).make_pipeline(), d / "base.safetensors")
+    via_model = bake(folder, [f"{lora}:0.7"], d / "via_model.safetensors", dtype="fp32")
+
+    def whole_file(*a, **kw):
+        raise AssertionError("the streamed bake must not read the whole checkpoint")
+
+    monkeypatch.setattr(sf, "read_checkpoint", whole_file)
+    streamed = bake(single, [f"{lora}:0.7"], d / "streamed.safetensors", dtype="fp32")
+    a, b = load_file(str(streamed.path)), load_file(str(via_model.path))
+    assert set(a) == set(b)
+    differ = [k for k in a if not torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5)]
+    if family == "sd2":  # the exporter's copy of OpenCLIP's unused last block is made after the fusing
+        last = max(int(k.split(".")[4]) for k in a if ".resblocks." in k)
+        differ = [k for k in differ if f".resblocks.{last}." not in k]
+    assert differ == []
+    base = load_file(str(single))
+    for prefix in {"sd1": ["cond_stage_model."], "sd2": ["cond_stage_model."],
+                   "sdxl": ["conditioner.embedders.0.", "conditioner.embedders.1."]}[family]:
+        qs = [k for k in a if k.startswith(prefix) and k.endswith(("in_proj_weight", "self_attn.q_proj.weight"))]
+        assert qs and any(not torch.equal(a[k], base[k]) for k in qs), f"{prefix}* should be patched"
+    assert (streamed.family, streamed.prediction_type) == (via_model.family, via_model.prediction_type)
+    assert [x.modules for x in streamed.loras] == [x.modules for x in via_model.loras]
+
+
+def test_the_model_bake_fuses_in_place_and_writes_without_a_second_copy(files, tiny_sd1_dir, monkeypatch):
+    """From a diffusers folder the writer is handed the loaded model's own tensors (fp16 base, fp16 file)."""
     import safetensors.torch
 
     import trainer.lora.tools.bake as bake_mod
@@ -176,7 +213,7 @@ def test_fused_in_place_and_written_without_a_second_copy(files, monkeypatch):
 
     monkeypatch.setattr(bake_mod, "_load_base", load)
     monkeypatch.setattr(safetensors.torch, "save_file", save)
-    bake_mod.bake(files["sd1"], _specs(files), files["dir"] / "stream" / "baked.safetensors")
+    bake_mod.bake(tiny_sd1_dir, _specs(files), files["dir"] / "stream" / "baked.safetensors")
     m = seen["model"]
     params = [p for mod in (m.unet, m.vae, *m.text_encoders) for p in mod.parameters()]
     assert {p.dtype for p in params} == {torch.float16}
@@ -262,16 +299,27 @@ def test_existing_output_is_kept_without_overwrite(files, tmp_path):
     assert _listing(tmp_path) == {"baked.safetensors"}
 
 
-def test_a_failed_write_leaves_no_file(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("base", ["single file (streamed)", "diffusers folder"])
+def test_a_failed_write_leaves_no_file(files, tiny_sd1_dir, tmp_path, monkeypatch, base):
     import safetensors.torch
 
-    from trainer.lora.tools.bake import bake
+    import trainer.lora.tools.bake as bake_mod
 
     def full_disk(tensors, filename, *a, **kw):
         Path(filename).write_bytes(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
+    real_read, reads = bake_mod._read_tensor, []
+
+    def disk_fills_up(*a, **kw):  # the streamed writer has written a part of the file when the disk is full
+        reads.append(1)
+        if len(reads) > 5:
+            raise OSError(28, "No space left on device")
+        return real_read(*a, **kw)
+
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(bake_mod, "_read_tensor", disk_fills_up)
+    source = files["sd1"] if base.startswith("single") else tiny_sd1_dir
     with pytest.raises(UserError, match="No space left"):
-        bake(files["sd1"], [str(files["a"])], tmp_path / "baked.safetensors")
+        bake_mod.bake(source, [str(files["a"])], tmp_path / "baked.safetensors")
     assert _listing(tmp_path) == set()

@@ -94,7 +94,7 @@ def write_random_loras(base, folder: Path, n: int, rank: int) -> list[Path]:
                 for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
                     w.copy_(torch.randn(w.shape, generator=g).to(w) * 0.02)
             p = folder / f"bench_lora_{i}.safetensors"
-            save_lora(p, base.unet, base.text_encoders, family="sd1", metadata={"ss_output_name": p.stem},
+            save_lora(p, base.unet, base.text_encoders, family=base.family, metadata={"ss_output_name": p.stem},
                       save_precision="fp16")
             paths.append(p)
     for m in [base.unet, *base.text_encoders]:

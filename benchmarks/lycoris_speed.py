@@ -6,7 +6,8 @@ a ratio measured in the same run (interleaved rounds, the median printed):
 * generation: the time to apply 3 LoRA / LoHa / LoKr files fused (weights patched) and to make one image with
   them, against the base model's image time (issue goal: 3 LoHa/LoKr cost no more than 3 LoRAs);
 * training: one optimizer step (UNet forward + backward + AdamW) with a LoRA, LoHa, LoKr or DoRA adapter of the
-  same rank on the UNet, one type after the other (issue goal: LoHa/LoKr at most 1.3x LoRA).
+  same rank on the UNet, one type after the other (issue goal: LoHa/LoKr at most 1.3x LoRA); LoHa and LoKr also with
+  peft's own forward (the full delta rebuilt each step, what trainer.lora.lycoris_fast replaces).
 
     python benchmarks/lycoris_speed.py                    # SD1.5 shapes, 64 px latents / 2 steps: CPU-friendly
     python benchmarks/lycoris_speed.py --size 256 --device cuda
@@ -28,6 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.generate_speed import sd15_base_model, timed, tiny_base_model  # noqa: E402
 
 KINDS = ("lora", "loha", "lokr", "dora")
+PEFT = "(peft forward)"
+#: training rows: each type with our forward, and LoHa/LoKr with peft's own (the figure before trainer.lora.lycoris_fast)
+TRAIN_KINDS = KINDS + (f"loha {PEFT}", f"lokr {PEFT}")
 
 
 def _model(args, device, seed=0):
@@ -35,9 +39,10 @@ def _model(args, device, seed=0):
     return tiny_base_model(device, torch.float32) if args.tiny else sd15_base_model(device, torch.float32, seed)
 
 
-def _cfg(kind: str, rank: int):
+def _cfg(kind: str, rank: int, conv_rank: int = 0):
     from trainer.config import LoraConfig
-    return LoraConfig(type=kind, rank=rank, alpha=rank / 2, unet_targets="kohya", text_encoder_targets="attention_mlp")
+    return LoraConfig(type=kind, rank=rank, alpha=rank / 2, unet_targets="kohya", text_encoder_targets="attention_mlp",
+                      conv_rank=conv_rank, conv_alpha=conv_rank / 2)
 
 
 def write_files(args, device, folder: Path, kind: str, n: int) -> list[Path]:
@@ -99,10 +104,14 @@ def training(args, device) -> dict[str, float]:
 
     import gc
     res = {}
-    for kind in KINDS:  # one model at a time (four SD1.5 UNets with optimizer state do not fit a small machine)
+    for name in TRAIN_KINDS:  # one model at a time (four SD1.5 UNets with optimizer state do not fit a small machine)
+        kind, peft_forward = name.split(" ")[0], name.endswith(PEFT)
         base = _model(args, device)
         torch.manual_seed(0)
-        h = inject_lora(base.unet, base.text_encoders, _cfg(kind, args.rank), train_text_encoder=False)
+        h = inject_lora(base.unet, base.text_encoders, _cfg(kind, args.rank, args.conv_rank), train_text_encoder=False)
+        if peft_forward:  # peft's own forward: the full delta weight rebuilt and applied as an extra matmul
+            for _, _, layer in h.modules:
+                layer.__dict__.pop("_get_delta_activations", None)
         unet, opt = base.unet, torch.optim.AdamW(h.all_params, lr=1e-4)
         lat = max(8, args.size // 8)
         g = torch.Generator().manual_seed(0)
@@ -117,7 +126,7 @@ def training(args, device) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
 
         step()  # warm-up
-        res[kind] = statistics.median(timed(step, device) for _ in range(args.rounds))
+        res[name] = statistics.median(timed(step, device) for _ in range(args.rounds))
         del base, h, unet, opt
         gc.collect()
     return res
@@ -130,6 +139,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1, help="training batch")
+    ap.add_argument("--conv-rank", type=int, default=0, help="training: also adapt the 3x3 convs at this rank")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--tiny", action="store_true")
@@ -150,9 +160,9 @@ def main(argv=None) -> int:
                   f"{r[k]['image'] / r['lora']['image']:.2f}x LoRA)")
     if args.only != "generation":
         r = training(args, args.device)
-        print(f"training step (UNet, batch {args.batch}):")
-        for k in KINDS:
-            print(f"  {k:<5} {r[k]:.3f}s  {r[k] / r['lora']:.2f}x LoRA")
+        print(f"training step (UNet, batch {args.batch}, conv rank {args.conv_rank}):")
+        for k in TRAIN_KINDS:
+            print(f"  {k:<20} {r[k]:.3f}s  {r[k] / r['lora']:.2f}x LoRA")
     return 0
 
 

@@ -218,6 +218,8 @@ def _finish(model, adapter_name: str, component: str, handles_modules: list) -> 
                 p.data = p.data.float()
                 p.requires_grad_(True)
                 params.append(p)
+            from trainer.lora.lycoris_fast import install
+            install(layer, adapter_name)  # the same output without rebuilding the full delta each step
         handles_modules.append((component, name, layer))
     return params
 

@@ -204,6 +204,11 @@ class TrainConfig:
                                       label="fp8 text encoders")
     attention: str = opt("sdpa", "Attention kernel: PyTorch scaled_dot_product_attention or the plain path.",
                          choices=("sdpa", "default"), label="Attention kernel")
+    compile: bool = opt(False, "torch.compile the UNet's transformer blocks (regional compilation: each repeated "
+                        "BasicTransformerBlock with its LoRA layers, not the whole UNet, so start-up stays short). "
+                        "Meant for speed on a GPU; the first steps are slower while the blocks compile (and again "
+                        "when a new image size or sampling first runs). Needs a C compiler on a CPU.",
+                        label="Compile (torch.compile)")
     seed: int = opt(42, "Random seed (data order, noise, LoRA init).", min=0, max=2**32 - 1, basic=True, label="Seed")
     noise_offset: float = opt(0.0, "Noise offset (crosslabs.org/blog/diffusion-with-offset-noise); 0.05-0.1 "
                               "helps very dark/bright images.", min=0.0, max=1.0, label="Noise offset")

@@ -109,6 +109,9 @@ def validate_for_training(cfg: Config) -> None:
     if tr.fp8_base_text_encoder and not tr.fp8_base:
         raise UserError("train.fp8_base_text_encoder: only together with train.fp8_base = true",
                         field="train.fp8_base_text_encoder")
+    if cfg.data.inverted_mask_prior > 0 and not (cfg.data.mask_dir or cfg.data.alpha_mask):
+        raise UserError("data.inverted_mask_prior needs masks: set data.mask_dir or data.alpha_mask",
+                        field="data.inverted_mask_prior")
     if cfg.data.validation_dir and cfg.data.validation_split > 0:
         raise UserError("data.validation_split: give data.validation_dir or a split, not both",
                         field="data.validation_split")

@@ -121,6 +121,12 @@ class DataConfig:
     mask_normalize: bool = opt(False, "Divide a masked image's loss by its mask's area, so a small subject weighs "
                                "as much as a large one (OneTrainer's 'normalize masked area loss').",
                                label="Normalize by mask area")
+    inverted_mask_prior: float = opt(0.0, "Masked loss: weight of the inverted-mask prior (ai-toolkit's "
+                                     "inverted_mask_prior): in the masked-out area the target is the base model's "
+                                     "own prediction (one more forward per step with every adapter off), so the "
+                                     "LoRA learns to leave the background as the base draws it. 0 = off; needs "
+                                     "data.mask_dir or data.alpha_mask.", min=0.0, max=10.0,
+                                     label="Inverted mask prior")
     validation_dir: str = opt("", "Validation: a folder of held-out images with captions (same layout as "
                               "data.dir); their loss is measured with fixed noise and timesteps.", path=True,
                               label="Validation folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -265,6 +266,23 @@ def inject_lora(unet, text_encoders: list, lora_cfg, *, train_text_encoder: bool
 
 def _shapes(model, targets) -> dict:
     return {p: tuple(model.get_submodule(p).weight.shape) for p in targets}
+
+
+@contextmanager
+def adapters_off(*models):
+    """Every adapter layer of the models (LoRA, DoRA, LoHa, LoKr; any adapter name) answers as its base layer for
+    the duration: what the base model alone predicts (the inverted-mask prior's target). The trainable tensors and
+    their requires_grad are untouched (peft's enable_adapters would reset them)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    layers = [m for model in models if model is not None for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._disable_adapters = b
 
 
 def lora_modules(unet, text_encoders: list, adapter_name: str = "default") -> list[tuple[str, str, torch.nn.Module]]:

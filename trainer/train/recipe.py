@@ -684,6 +684,12 @@ def _batch_loss(s: Session, idx: list[int], rng: random.Random) -> torch.Tensor:
     c = L.huber_c(t, tr, nsched) if tr.loss_type in ("huber", "smooth_l1") else None
     weight = _mask_weights(s, idx, flips, tuple(latents.shape[-2:]), device)
     per = L.per_example(L.elementwise_loss(pred, target, tr, c), weight, cfg.data.mask_normalize)
+    if weight is not None and cfg.data.inverted_mask_prior > 0:
+        # ai-toolkit's inverted-mask prior: where the mask is off, the target is the base model's prediction
+        outside = _mask_weights(s, idx, flips, tuple(latents.shape[-2:]), device, unmasked=0.0)
+        prior = _base_prediction(s, noisy, t, captions, emb, pooled, exs)
+        per = per + cfg.data.inverted_mask_prior * L.per_example(
+            L.elementwise_loss(pred, prior, tr, c), 1.0 - outside, cfg.data.mask_normalize)
     tw = L.timestep_weights(nsched, t, tr, v_pred)
     if tw is not None:
         per = per * tw.to(per.device)
@@ -707,9 +713,26 @@ def _latents(s: Session, idx: list[int], flips: list[bool], cache: "LatentCache 
     return (lat - shift) * base.vae.config.scaling_factor
 
 
+@torch.no_grad()
+def _base_prediction(s: Session, noisy: torch.Tensor, t: torch.Tensor, captions: list[str], emb, pooled,
+                     exs) -> torch.Tensor:
+    """What the base model alone predicts for the same input: every adapter off, in the UNet and in the text
+    encoders. A trained text encoder's conditioning is encoded again without its adapters; frozen (or cached)
+    conditioning is already the base's."""
+    from trainer.lora.inject import adapters_off
+    unet = s.accelerator.unwrap_model(s.unet)
+    tes = [s.accelerator.unwrap_model(te) for te in s.text_encoders] if s.cfg.lora.train_text_encoder else []
+    with adapters_off(unet, *tes):
+        if tes:
+            emb, pooled = s.texts.encode(captions, tes)
+        return _predict(s, noisy, t, emb, pooled, exs, unet=unet).detach()
+
+
 def _mask_weights(s: Session, idx: list[int], flips: list[bool], size: tuple[int, int], device,
-                  cache: "LatentCache | None" = None, examples: list | None = None) -> torch.Tensor | None:
-    """Per-latent loss weights (B, 1, h, w) from the masks, or None when no example of the batch has one."""
+                  cache: "LatentCache | None" = None, examples: list | None = None,
+                  unmasked: float | None = None) -> torch.Tensor | None:
+    """Per-latent loss weights (B, 1, h, w) from the masks, or None when no example of the batch has one;
+    the masked-out area weighs data.unmasked_weight (or ``unmasked``)."""
     cache = s.cache if examples is None else cache
     examples = s.data.examples if examples is None else examples
     if not any(examples[i].masked for i in idx):
@@ -722,17 +745,18 @@ def _mask_weights(s: Session, idx: list[int], flips: list[bool], size: tuple[int
         if m is None:  # no mask (or no transparency): the whole picture trains
             m = torch.ones(1, *size)
         masks.append(m)
-    return L.mask_weight(torch.stack(masks).to(device), s.cfg.data.unmasked_weight)
+    return L.mask_weight(torch.stack(masks).to(device), s.cfg.data.unmasked_weight if unmasked is None else unmasked)
 
 
-def _predict(s: Session, noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, pooled, exs) -> torch.Tensor:
+def _predict(s: Session, noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, pooled, exs,
+             unet=None) -> torch.Tensor:
     """The UNet's prediction (SDXL adds its pooled text embedding and size/crop conditioning)."""
     device, weight_dtype = s.accelerator.device, _weight_dtype(s.cfg)
     added = None
     if s.base.family == "sdxl":
         added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": _sdxl_time_ids(exs, device, weight_dtype)}
     with s.accelerator.autocast():
-        return s.unet(noisy, t, emb.to(device, weight_dtype), added_cond_kwargs=added).sample
+        return (unet or s.unet)(noisy, t, emb.to(device, weight_dtype), added_cond_kwargs=added).sample
 
 
 # ------------------------------------------------------------------------------------------------- saving

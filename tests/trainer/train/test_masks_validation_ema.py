@@ -188,3 +188,72 @@ def test_ema_output_is_the_average_and_resume_stays_exact(tiny_sd1_dir, image_fo
     md_a = json.loads(safe_open(str(ref.lora_path), "pt").metadata()["lorastudio.validation_curve"])
     md_b = json.loads(safe_open(str(again.lora_path), "pt").metadata()["lorastudio.validation_curve"])
     assert md_a == md_b                                                        # the curve continues
+
+
+# ------------------------------------------------------------------------------------- inverted-mask prior
+
+
+def black(w, h):
+    return np.zeros((h, w), np.uint8)
+
+
+def _up_weights(path) -> list[torch.Tensor]:
+    t = tensors(path)
+    return [v for k, v in t.items() if k.endswith(("lora_up.weight", "hada_w2_b", "lokr_w2"))]
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_inverted_mask_prior_pulls_the_masked_out_area_to_the_base_prediction(tiny_sd1_dir, image_folder, tmp_path,
+                                                                             kind):
+    """Masks black everywhere: the only loss is the prior's, against what the base model predicts. A LoRA at its
+    start predicts exactly that, so the loss is 0 and the gradient 0 at every step (UNet and text-encoder adapters
+    both switched off for the target); with the picture as the target there instead, the LoRA moves."""
+    masks = write_masks(image_folder, tmp_path / "mb", black)
+    common = {"data.mask_dir": masks, "lora.type": kind, "lora.train_text_encoder": "true",
+              "train.learning_rate": 1e-2, "train.weight_decay": 0.0}
+    seen = []
+    prior = train(cfg_of(tiny_sd1_dir, image_folder, tmp_path / "p", steps=3,
+                         **common, **{"data.inverted_mask_prior": 1.0}), on_event=seen.append)
+    assert [e.loss for e in seen if e.type == "step"] == [0.0, 0.0, 0.0]
+    ups = _up_weights(prior.lora_path)
+    assert ups and all(not v.any() for v in ups)                  # still the base model, UNet and text encoder
+    seen = []
+    image = train(cfg_of(tiny_sd1_dir, image_folder, tmp_path / "i", steps=3,
+                         **common, **{"data.unmasked_weight": 1.0}), on_event=seen.append)
+    assert all(e.loss > 0 for e in seen if e.type == "step")
+    assert any(v.any() for v in _up_weights(image.lora_path))     # the picture pulls the LoRA away from the base
+
+
+def test_inverted_mask_prior_leaves_the_masked_area_to_the_picture(tiny_sd1_dir, image_folder, tmp_path):
+    """Half masks, learning rate 0 (the LoRA stays at its start): the prior adds nothing, as the start predicts
+    what the base does; the white half still trains on the picture."""
+    masks = write_masks(image_folder, tmp_path / "mh", left_half)
+    runs = {}
+    for name, extra in (("off", {}), ("on", {"data.inverted_mask_prior": 1.0})):
+        seen = []
+        train(cfg_of(tiny_sd1_dir, image_folder, tmp_path / name, steps=2, **{"data.mask_dir": masks,
+                     "train.learning_rate": 0.0}, **extra), on_event=seen.append)
+        runs[name] = [e.loss for e in seen if e.type == "step"]
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-6) and all(v > 0 for v in runs["on"])
+
+
+def test_inverted_mask_prior_without_masks_is_a_one_line_error(tiny_sd1_dir, image_folder, tmp_path):
+    with pytest.raises(UserError, match=r"^data.inverted_mask_prior needs masks: set data.mask_dir or "
+                                        r"data.alpha_mask$"):
+        train(cfg_of(tiny_sd1_dir, image_folder, tmp_path / "x", **{"data.inverted_mask_prior": 0.5}))
+    assert not (tmp_path / "x").exists()
+
+
+def test_validation_measures_the_ema_weights(tiny_sd1_dir, image_folder, tmp_path):
+    """With EMA on, the curve is the EMA weights' (the ones the file holds): an EMA that barely leaves the start
+    measures the start's loss, while the live weights have moved."""
+    opts = {"data.validation_split": 0.2, "train.validation_every_steps": 1, "train.learning_rate": 1e-2}
+    curves = {}
+    for name, extra in (("start", {"train.learning_rate": 0.0}), ("live", {}),
+                        ("ema", {"train.ema_decay": 0.99999, "train.ema_warmup": "false"})):
+        seen = []
+        train(cfg_of(tiny_sd1_dir, image_folder, tmp_path / name, steps=3, **{**opts, **extra}), on_event=seen.append)
+        curves[name] = [e.loss for e in seen if e.type == "validation"]
+    moved = abs(curves["live"][-1] - curves["start"][-1])
+    assert moved > 0
+    assert abs(curves["ema"][-1] - curves["start"][-1]) < moved / 100

@@ -3,14 +3,19 @@
 Three experiments, each through the normal `lorastudio train` path with the shipped toy preset:
 
 * **masked**: style pictures that carry an ink outline on the shape and a warm paper tint on the background,
-  with masks covering the shape and its outline. Trained with the masks, the LoRA should learn the outline and
-  leave the background at the base level; trained without them it learns the tint too.
+  with masks covering the shape and its outline, trained with the masks, with the masks and the inverted-mask
+  prior (data.inverted_mask_prior), and without masks. With masks the LoRA should learn the outline and leave the
+  background at the base level; without them it learns the tint too.
 * **validation**: the drop-shadow LoRA with a fifth of its pictures held out: its validation curve should fall;
-  with the learning rate raised tenfold it should turn up again (overfitting made visible).
-* **ema**: the same run with train.ema_decay = 0.99: its style statistic within 10% of the plain run's at the
-  same steps, with less step-to-step variance of the validation loss.
+  with the learning rate raised tenfold (validated every 5 steps) and threefold it should turn up again.
+* **ema**: the same run with train.ema_decay = 0.99 and train.ema_save_both: the EMA file's style statistic
+  within 10% of the raw file's (the plain run's weights), with less step-to-step variance of the validation loss.
 
-    python -m benchmarks.toyworld.quality [--only masked,validation,ema] [--work DIR] [--markdown docs/...]
+    python -m benchmarks.toyworld.quality [--only masked,validation,ema] [--runs val-plain,...] [--reuse]
+                                          [--work DIR] [--json F] [--markdown F]
+
+--runs trains and scores only the named runs (to spread them over processes); each run's scores are kept in its
+folder (quality-score.json), so a later --reuse renders the tables without scoring again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from datasets_tools import toyworld as tw
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = ("masked", "validation", "ema")
 VALIDATE_EVERY = 50
+LR10_EVERY = 5        # the tenfold learning rate's curve, densely: does it fall before it turns up?
 
 
 def make_masked_set(folder: Path, n: int = 30, seed: int = 1, trigger: str = "vbn style") -> Path:
@@ -76,34 +82,56 @@ def _train(tl, data, work: Path, name: str, reuse: bool, **kw) -> Path:
     return tl.train_style_lora(data, work / "runs", name, **kw)
 
 
-def masked(work: Path, ev, n: int, threads: int, steps: int, reuse: bool = False) -> dict:
+MASKED_RUNS = {"with_masks": lambda m: {"data.mask_dir": str(m)},
+               "with_masks_prior": lambda m: {"data.mask_dir": str(m), "data.inverted_mask_prior": 1.0},
+               "without_masks": lambda m: {}}
+
+
+def masked(work: Path, ev, n: int, threads: int, steps: int, reuse: bool = False, runs: set | None = None) -> dict:
     from benchmarks.toyworld import harness as tl
     data = work / "outline-paper"
     masks = make_masked_set(data) if not data.is_dir() else data.parent / (data.name + "-masks")
     reg = work / "reg"
     if not reg.is_dir():
         tl.make_reg_set(reg)
-    base = _score(ev, None, "outline", "vbn style", n, stats=("outline", "paper"))
-    rows = {"base": base}
-    for name, extra in (("with_masks", {"data.mask_dir": str(masks)}), ("without_masks", {})):
+    stats = ("outline", "paper")
+    rows = {}
+    if not runs or "base" in runs:
+        (work / "base").mkdir(exist_ok=True)
+        rows["base"] = _cached_score(work / "base", reuse, lambda: _score(ev, None, "outline", "vbn style", n,
+                                                                          stats=stats))
+    for name, extra in MASKED_RUNS.items():
+        run = f"masked-{name}"
+        if runs and run not in runs:
+            continue
         t = time.time()
-        lora = _train(tl, data, work, f"masked-{name}", reuse, reg_dir=reg, threads=threads,
-                      overrides={**extra, **({"train.max_steps": steps} if steps else {})})
-        rows[name] = {**_score(ev, lora, "outline", "vbn style", n, stats=("outline", "paper")),
-                      "train_s": round(time.time() - t)}
+        lora = _train(tl, data, work, run, reuse, reg_dir=reg, threads=threads,
+                      overrides={**extra(masks), **({"train.max_steps": steps} if steps else {})})
+        rows[name] = _cached_score(lora.parent, reuse, lambda: {
+            **_score(ev, lora, "outline", "vbn style", n, stats=stats), "train_s": round(time.time() - t)})
         print(json.dumps({name: rows[name]}), flush=True)
     return rows
 
 
+def _cached_score(run_dir: Path, reuse: bool, score) -> dict:
+    """The run's scores, from <run>/quality-score.json when reusing (scoring takes minutes), else scored now."""
+    f = run_dir / "quality-score.json"
+    if reuse and f.is_file():
+        return json.loads(f.read_text(encoding="utf-8"))
+    row = score()
+    f.write_text(json.dumps(row), encoding="utf-8")
+    return row
+
+
 def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, extra: dict,
-                reuse: bool = False) -> dict:
+                reuse: bool = False, every: int = VALIDATE_EVERY) -> dict:
     from benchmarks.toyworld import harness as tl
     data, reg = work / "shadow", work / "reg"
     if not data.is_dir():
         tl.make_style_set(data, "shadow")
     if not reg.is_dir():
         tl.make_reg_set(reg)
-    sets = {"data.validation_split": 0.2, "train.validation_every_steps": VALIDATE_EVERY, **extra}
+    sets = {"data.validation_split": 0.2, "train.validation_every_steps": every, **extra}
     if steps:
         sets["train.max_steps"] = steps
     t = time.time()
@@ -121,8 +149,15 @@ def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, ext
         row = {"diverged": line.split("error: ", 1)[-1].split(";")[0], "curve": _curve(work / "runs" / name)}
         print(json.dumps({name: row}), flush=True)
         return row
-    row = {**_score(ev, lora, "shadow", "zxq style", n), "train_s": round(time.time() - t),
-           "curve": _curve(lora.parent)}
+    row = _cached_score(lora.parent, reuse, lambda: {**_score(ev, lora, "shadow", "zxq style", n),
+                                                     "train_s": round(time.time() - t)})
+    row["curve"] = _curve(lora.parent)
+    raw = lora.with_name(lora.stem + "-raw.safetensors")
+    if raw.is_file():  # train.ema_save_both: the same run's plain weights
+        f = lora.parent / "quality-score-raw.json"
+        row["raw"] = (json.loads(f.read_text(encoding="utf-8")) if reuse and f.is_file()
+                      else _score(ev, raw, "shadow", "zxq style", n))
+        f.write_text(json.dumps(row["raw"]), encoding="utf-8")
     print(json.dumps({name: row}), flush=True)
     return row
 
@@ -132,7 +167,8 @@ def curve_summary(curve: list[list[float]]) -> dict:
     losses = [v for _, v in curve]
     i = int(np.argmin(losses))
     return {"first": losses[0], "min": losses[i], "min_step": curve[i][0], "last": losses[-1],
-            "rise_after_min": losses[-1] - losses[i], "step_var": float(np.var(np.diff(losses)))}
+            "rise_after_min": losses[-1] - losses[i], "step_var": float(np.var(np.diff(losses))),
+            "diff_std": float(np.std(np.diff(losses))) if len(losses) > 1 else 0.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="override the preset's max_steps (0 = keep)")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--markdown", default="", help="write the tables here")
+    ap.add_argument("--runs", default="", help="only these runs (comma list, e.g. val-plain,val-lr10; default all)")
     ap.add_argument("--reuse", action="store_true", help="score LoRAs already trained in --work instead of training")
     args = ap.parse_args(argv)
     from benchmarks.toyworld.harness import Evaluator
@@ -152,21 +189,32 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator()
     only = [x for x in args.only.split(",") if x]
     res: dict = {}
+    runs = set(filter(None, args.runs.split(",")))
     if "masked" in only:
-        res["masked"] = masked(work, ev, args.n, args.threads, args.steps, args.reuse)
+        res["masked"] = masked(work, ev, args.n, args.threads, args.steps, args.reuse, runs)
+
+    def shadow(name: str, extra: dict, every: int = VALIDATE_EVERY):
+        if runs and name not in runs:
+            return None
+        return _shadow_run(work, ev, args.n, args.threads, args.steps, name, extra, args.reuse, every)
+
     if "validation" in only or "ema" in only:
-        plain = _shadow_run(work, ev, args.n, args.threads, args.steps, "val-plain", {}, args.reuse)
+        from trainer.config import load_config
+        lr = load_config(str(REPO / "presets" / "toyworld-style.toml")).train.learning_rate
+        plain = shadow("val-plain", {})
         res["validation"] = {"plain": plain}
         if "validation" in only:
-            from trainer.config import load_config
-            lr = load_config(str(REPO / "presets" / "toyworld-style.toml")).train.learning_rate
-            res["validation"]["lr_x10"] = _shadow_run(work, ev, args.n, args.threads, args.steps, "val-lr10",
-                                                      {"train.learning_rate": lr * 10}, args.reuse)
+            res["validation"]["lr_x10"] = shadow("val-lr10", {"train.learning_rate": lr * 10}, LR10_EVERY)
+            res["validation"]["lr_x3"] = shadow("val-lr3", {"train.learning_rate": lr * 3})
         if "ema" in only:
-            res["ema"] = {"plain": plain, "ema": _shadow_run(work, ev, args.n, args.threads, args.steps, "val-ema",
-                                                             {"train.ema_decay": 0.99}, args.reuse)}
+            res["ema"] = {"plain": plain, "ema": shadow("val-ema", {"train.ema_decay": 0.99,
+                                                                     "train.ema_save_both": True})}
+        res = {k: ({n: r for n, r in v.items() if r is not None} if isinstance(v, dict) else v)
+               for k, v in res.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
+    if runs:  # a part of the experiments: the JSON only (a later --reuse run renders the tables)
+        return 0
     text = render(res)
     print(text)
     if args.markdown:
@@ -187,7 +235,7 @@ def render(res: dict) -> str:
                 "background the masks leave out.", "",
                 "| run | outline, trigger | paper (background), trigger | paper, no trigger | colour | shape |",
                 "|---|---|---|---|---|---|"]
-        for name in ("base", "with_masks", "without_masks"):
+        for name in ("base", *MASKED_RUNS):
             r = m[name]
             on, off = r["with_trigger"], r["without_trigger"]
             out.append(f"| {name.replace('_', ' ')} | {on['outline_stat']} | {on['paper_stat']} | "

@@ -5,10 +5,13 @@ folder, trains through trainer.train() at 256 px, batch 1, rank 16 with latents 
 cached, then times a bare loop (UNet forward + backward + AdamW on the same LoRA) on the same process.
 
     python benchmarks/train_speed.py [--steps 12] [--resolution 256] [--keep DIR] [--train-te] [--validation]
+                                     [--fp8-base] [--compile]
 
-Prints: ours s/step, raw s/step, ratio (goal <= 1.05), time to first step, peak RSS. With --validation, also the
-time of one validation evaluation (one held-out picture x train.validation_timesteps) and what measuring it
-every 100 steps adds to the run (goal <= 5%).
+Prints: ours s/step, raw s/step, ratio (goal <= 1.05), time to first step, the peak RSS of our run (read before
+the raw loop starts), and the memory after each set-up phase (RSS now / high-water mark, from /proc/self/status),
+so what holds the peak can be seen. --fp8-base runs ours with train.fp8_base and the raw loop over the same fp8
+weights; --compile runs ours with train.compile (the raw loop stays eager). Each mode is one process: run the
+script once per mode to compare peaks.
 """
 
 from __future__ import annotations
@@ -66,10 +69,21 @@ def make_images(folder: Path, n: int, res: int) -> None:
         (folder / f"{i}.txt").write_text(f"zxq style, picture {i}")
 
 
-def ours(model: Path, data: Path, out: Path, args, extra: tuple = ()) -> tuple[list[float], float, list[float]]:
+def _mem_mib() -> tuple[float, float]:
+    """(RSS now, RSS high-water mark) of this process in MiB (Linux)."""
+    vals = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            vals[line[:5]] = int(line.split()[1]) / 1024
+    return vals.get("VmRSS", float("nan")), vals.get("VmHWM", float("nan"))
+
+
+def ours(model: Path, data: Path, out: Path, args, extra: tuple = (),
+         phases: list | None = None) -> tuple[list[float], float, list[float]]:
     from trainer import config as C
     from trainer.train.recipe import train
-    cfg = C.load_config(None, [*extra, 
+    modes = (["train.fp8_base=true"] if args.fp8_base else []) + (["train.compile=true"] if args.compile else [])
+    cfg = C.load_config(None, [*extra, *modes, 
         f"model.base={model}", f"data.dir={data}", f"data.resolution={args.resolution}",
         f"data.min_bucket_px={args.resolution}", "lora.rank=16", "lora.alpha=16",
         f"lora.train_text_encoder={'true' if args.train_te else 'false'}", f"train.max_steps={args.steps}",
@@ -80,6 +94,11 @@ def ours(model: Path, data: Path, out: Path, args, extra: tuple = ()) -> tuple[l
     t0 = time.perf_counter()
 
     def on_event(e):
+        if phases is not None and (e.type in ("log", "phase") and (e.type == "log" or e.done in (0, e.total))
+                                   or e.type == "step" and e.step <= 2):
+            what = e.message if e.type == "log" else e.name if e.type == "phase" else f"step {e.step}"
+            phases.append((time.perf_counter() - t0, what[:60], *_mem_mib()))
+            print("  %7.1f s  %s  %6.0f MiB  %6.0f MiB" % phases[-1], flush=True)
         if e.type == "step":
             first.setdefault("t", time.perf_counter() - t0)
             times.append(e.time)
@@ -100,6 +119,9 @@ def raw(model: Path, args) -> list[float]:
     torch.manual_seed(0)
     lcfg = C.load_config(None, ["lora.rank=16", "lora.alpha=16"]).lora
     handles = inject_lora(unet, [], lcfg, train_text_encoder=False)
+    if args.fp8_base:  # the same frozen fp8 weights as ours (trainer/models/fp8.py), computing in fp32
+        from trainer.models.fp8 import UNET_KEEP, store_fp8
+        store_fp8(unet, torch.float32, keep=UNET_KEEP)
     opt = torch.optim.AdamW(handles.unet_params, lr=1e-4, weight_decay=0.01)
     lat = args.resolution // 8
     x = torch.randn(1, 4, lat, lat)
@@ -126,6 +148,9 @@ def main() -> None:
     ap.add_argument("--keep", help="reuse/keep the generated model in this folder")
     ap.add_argument("--train-te", action="store_true", help="also train the text encoder (no TE-output cache)")
     ap.add_argument("--validation", action="store_true", help="also time the validation loss (one held-out picture)")
+    ap.add_argument("--fp8-base", action="store_true", help="ours with train.fp8_base, the raw loop over fp8 weights")
+    ap.add_argument("--compile", action="store_true", help="ours with train.compile (regional torch.compile)")
+    ap.add_argument("--skip-raw", action="store_true", help="no raw loop (no ratio): our step time and memory only")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lorastudio-bench-"))
     model = Path(args.keep) if args.keep else tmp / "sd15-random"
@@ -134,15 +159,26 @@ def main() -> None:
         build_full_sd15(model)
         print(f"built full-size SD1.5-architecture model in {time.perf_counter() - t:.1f} s")
     make_images(tmp / "data", 4, args.resolution)
-    ours_dt, first, _ = ours(model, tmp / "data", tmp / "out", args)
-    raw_dt = raw(model, args)
+    phases: list = []
+    ours_dt, first, _ = ours(model, tmp / "data", tmp / "out", args, phases=phases)
+    ours_peak = _mem_mib()[1]
+    raw_dt = None if args.skip_raw else raw(model, args)
     warm = max(2, args.steps // 4)
     o = statistics.median(ours_dt[warm - 1:])
-    r = statistics.median(raw_dt[warm:])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.resolution}px, batch 1, rank 16, "
-          f"text encoder {'trained' if args.train_te else 'frozen (outputs cached)'}, latents cached")
-    print(f"ours: {o:.3f} s/step   raw UNet+LoRA step: {r:.3f} s/step   ratio: {o / r:.3f} (goal <= 1.05)")
-    print(f"time to first step: {first:.1f} s   peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+          f"text encoder {'trained' if args.train_te else 'frozen (outputs cached)'}, latents cached"
+          + (", train.fp8_base" if args.fp8_base else "") + (", train.compile" if args.compile else ""))
+    if raw_dt is None:
+        print(f"ours: {o:.3f} s/step (median of {len(ours_dt[warm - 1:])}; raw loop skipped)")
+    else:
+        r = statistics.median(raw_dt[warm:])
+        print(f"ours: {o:.3f} s/step   raw UNet+LoRA step: {r:.3f} s/step   ratio: {o / r:.3f} (goal <= 1.05)")
+    print(f"time to first step: {first:.1f} s   peak RSS of our run: {ours_peak:.0f} MiB "
+          f"({ours_peak / 1024:.2f} GiB; the whole process, raw loop too: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    print("memory after each set-up phase of our run (s since start, RSS now, high-water mark):")
+    for t, what, rss, hwm in phases:
+        print(f"  {t:7.1f} s  {rss:6.0f} MiB  {hwm:6.0f} MiB  {what}")
     if args.validation:
         make_images(tmp / "val", 1, args.resolution)
         _, _, val = ours(model, tmp / "data", tmp / "out-val", args,

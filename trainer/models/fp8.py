@@ -112,3 +112,81 @@ def store_fp8(model: nn.Module, compute_dtype: torch.dtype, keep: tuple[str, ...
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (what its weights occupy)."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool, "F8_E4M3": FP8}
+
+
+def unet_weight_files(folder) -> list | None:
+    """The UNet's .safetensors file(s) in a diffusers folder's ``unet/`` (one file or an index of shards; the
+    ``fp16`` variant only when it is all there is, as the normal loader picks); None when there are none."""
+    import json
+    from pathlib import Path
+    unet = Path(folder) / "unet"
+    for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
+        if (unet / f"{stem}.safetensors").is_file():
+            return [unet / f"{stem}.safetensors"]
+        index = unet / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError):
+                return None
+            files = [unet / s for s in shards]
+            return files if all(f.is_file() for f in files) else None
+    return None
+
+
+@torch.no_grad()
+def load_unet_fp8(folder, compute_dtype: torch.dtype, keep: tuple[str, ...] = UNET_KEEP):
+    """A diffusers folder's UNet with its Linear/Conv2d weights stored as fp8 while they are read: the model is
+    built without memory (meta parameters), then each tensor is read from the file on its own (plain reads, no
+    memory map, so no page of the file counts as this process's memory), cast to ``compute_dtype`` as the normal
+    loader does, and the convertible weights on to fp8, exactly as :func:`store_fp8` would have done after a
+    full-precision load. The full-precision UNet never exists: the extra memory is one tensor. Returns None
+    (load normally) when the folder has no UNet safetensors or its tensors do not match the model."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.modeling_utils import no_init_weights
+
+    from trainer.common.safetensors_header import read_header
+    files = unet_weight_files(folder)
+    if not files:
+        return None
+    config = UNet2DConditionModel.load_config(str(folder), subfolder="unet", local_files_only=True)
+    with init_empty_weights(), no_init_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    unet.requires_grad_(False)
+    convert = {name: cls for name, m in unet.named_modules()
+               if (cls := _convertible(m)) is not None and not any(name == k or name.startswith(k + ".") for k in keep)}
+    state = {}
+    for path in files:
+        header = read_header(path)
+        with open(path, "rb") as f:
+            for key, info in header.tensors.items():
+                if info.dtype not in _ST_DTYPES:
+                    return None
+                begin, end = info.offsets
+                raw = torch.empty(end - begin, dtype=torch.uint8)
+                f.seek(header.data_start + begin)
+                if f.readinto(raw.numpy()) != end - begin:
+                    return None
+                t = raw.view(_ST_DTYPES[info.dtype]).reshape(info.shape)
+                if t.is_floating_point():
+                    t = t.to(compute_dtype)
+                module, _, leaf = key.rpartition(".")
+                if leaf == "weight" and module in convert:
+                    t = t.to(FP8)
+                state[key] = t
+    expected = set(unet.state_dict())
+    if set(state) != expected:
+        return None
+    unet.load_state_dict(state, strict=True, assign=True)
+    del state
+    for name, cls in convert.items():
+        m = unet.get_submodule(name)
+        m.__class__ = cls
+        m.compute_dtype = compute_dtype
+    return unet.eval()

@@ -72,8 +72,11 @@ class BaseModel:
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
-    """Load ``model_cfg.base`` (folder, hub id or single file) in ``dtype`` (default float32) on ``device``."""
+def load_base_model(model_cfg, *, dtype=None, device="cpu", fp8_unet: bool = False) -> BaseModel:
+    """Load ``model_cfg.base`` (folder, hub id or single file) in ``dtype`` (default float32) on ``device``.
+    ``fp8_unet``: the UNet's Linear/Conv weights are wanted as fp8 (train.fp8_base); from a local diffusers folder
+    they are converted while the file is read (``trainer.models.fp8.load_unet_fp8``), so the full-precision UNet
+    never exists; from other sources the UNet loads as usual and the recipe converts it."""
     # The libraries' per-file "Loading weights" bars would interleave with our own progress output.
     import diffusers.utils.logging as dlog
     import transformers.utils.logging as tlog
@@ -81,7 +84,7 @@ def load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()
     try:
-        return _load_base_model(model_cfg, dtype=dtype, device=device)
+        return _load_base_model(model_cfg, dtype=dtype, device=device, fp8_unet=fp8_unet)
     finally:
         if bars[0]:
             dlog.enable_progress_bar()
@@ -89,7 +92,7 @@ def load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
             tlog.enable_progress_bar()
 
 
-def _load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
+def _load_base_model(model_cfg, *, dtype=None, device="cpu", fp8_unet: bool = False) -> BaseModel:
     import torch
     from diffusers import DDPMScheduler
     dtype = dtype or torch.float32
@@ -101,7 +104,7 @@ def _load_base_model(model_cfg, *, dtype=None, device="cpu") -> BaseModel:
     start = time.perf_counter()
     path = Path(source).expanduser()
     if path.is_dir():
-        parts = _load_diffusers(str(path), source, dtype, local_only=True)
+        parts = _load_diffusers(str(path), source, dtype, local_only=True, fp8_unet=fp8_unet)
     elif path.is_file():
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(f"{source}: model.base must be a diffusers folder, a hub id or a .safetensors "
@@ -197,7 +200,7 @@ def _family_from_diffusers(index: dict, unet_config, n_text_encoders: int) -> st
     return "sd1"
 
 
-def _load_diffusers(location: str, source: str, dtype, *, local_only: bool) -> dict:
+def _load_diffusers(location: str, source: str, dtype, *, local_only: bool, fp8_unet: bool = False) -> dict:
     """Components of a diffusers pipeline in a local folder or on the hub."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -245,7 +248,15 @@ def _load_diffusers(location: str, source: str, dtype, *, local_only: bool) -> d
             raise fail(subfolder, e) from e
 
     sdxl_index = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
-    unet = pretrained(UNet2DConditionModel, "unet")
+    unet = None
+    if fp8_unet and local_only:
+        from trainer.models.fp8 import load_unet_fp8
+        try:
+            unet = load_unet_fp8(location, dtype)
+        except Exception as e:
+            raise fail("unet", e) from e
+    if unet is None:
+        unet = pretrained(UNet2DConditionModel, "unet")
     family = _family_from_diffusers(index, unet.config, 2 if sdxl_index else 1)
     vae = pretrained(AutoencoderKL, "vae")
     encoders, tokenizers = [], []

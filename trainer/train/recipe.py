@@ -432,7 +432,11 @@ def _load_model(cfg: C.Config, accelerator, emit):
     from trainer.models.loading import load_base_model
     emit(Phase(name="loading model", done=0, total=1))
     torch.manual_seed(cfg.train.seed)
-    base = load_base_model(cfg.model, dtype=_weight_dtype(cfg), device=accelerator.device)
+    # with fp8_base the UNet's weights are stored as fp8 while they are read (no full-precision UNet in memory);
+    # for now only under plain LoRA, the adapter type tested over pre-converted layers (DoRA's init reads the
+    # unrounded base weight); the other types load in full precision and convert after injection, as before
+    base = load_base_model(cfg.model, dtype=_weight_dtype(cfg), device=accelerator.device,
+                           fp8_unet=cfg.train.fp8_base and cfg.lora.type == "lora")
     emit(Phase(name="loading model", done=1, total=1))
     for m in (base.unet, base.vae, *base.text_encoders):
         m.requires_grad_(False)

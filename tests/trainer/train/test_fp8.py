@@ -103,3 +103,37 @@ def test_fp8_text_encoder_alone_is_a_one_line_error(tiny_sd1_dir, image_folder, 
     with pytest.raises(UserError, match="train.fp8_base_text_encoder") as e:
         train(cfg)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_straight_to_fp8_gives_the_weights_of_a_full_load_then_conversion(tiny_sd1_dir, dtype):
+    from diffusers import UNet2DConditionModel
+
+    from trainer.models.fp8 import load_unet_fp8
+    ref = UNet2DConditionModel.from_pretrained(tiny_sd1_dir, subfolder="unet", torch_dtype=dtype).eval()
+    ref.requires_grad_(False)
+    store_fp8(ref, dtype, keep=UNET_KEEP)
+    got = load_unet_fp8(tiny_sd1_dir, dtype)
+    a, b = ref.state_dict(), got.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:  # bit for bit, fp8 included
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+    assert [type(m) for m in ref.modules()] == [type(m) for m in got.modules()]
+    assert not any(p.requires_grad or p.is_meta for p in got.parameters()) and got.dtype == dtype
+    x, ctx = torch.randn(1, 4, 8, 8, dtype=dtype), torch.randn(1, 77, 32, dtype=dtype)
+    assert torch.equal(ref(x, 10, ctx).sample, got(x, 10, ctx).sample)
+
+
+def test_an_fp8_run_from_a_diffusers_folder_never_holds_the_full_precision_unet(tiny_sd1_dir, image_folder,
+                                                                                 tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+    loaded = []
+    real = UNet2DConditionModel.from_pretrained.__func__
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loaded.append(a) or real(cls, *a, **k)))
+    cfg = C.load_config(None, tiny_overrides(tiny_sd1_dir, image_folder, tmp_path, steps=2, **SMALL, **{
+        "train.fp8_base": True, "lora.train_text_encoder": False}))
+    losses, (res, base) = _losses(cfg)
+    assert res.status == "completed" and len(losses) == 2 and not loaded  # read straight into fp8
+    assert base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.get_base_layer().weight.dtype == FP8

@@ -62,9 +62,11 @@ def test_compiled_blocks_train_to_the_eager_losses_and_save_the_same_keys(backen
     assert blocks and all(m._compiled_call_impl is not None for m in blocks)  # the blocks ran compiled
     a, b = load_file(str(ref_res.lora_path)), load_file(str(res.lora_path))
     assert a.keys() == b.keys() and not any("_orig_mod" in k for k in b)
-    # Adam's first steps are sign-like, so a weight whose gradient is at rounding level may move differently:
-    # the tensors agree as a whole, not bit for bit
-    assert max(((a[k] - b[k]).norm() / (a[k].norm() + 1e-12)).item() for k in a if a[k].any()) <= 2e-2
+    if backend == "aot_eager":  # eager kernels in the traced graphs: the same arithmetic, so the same tensors
+        assert max(((a[k] - b[k]).norm() / (a[k].norm() + 1e-12)).item() for k in a if a[k].any()) <= 1e-5
+    # (inductor sums in another order; Adam's first, nearly sign-only steps on the zero-initialised up matrices
+    # turn rounding-level gradient differences into up to ~50% differences of those small tensors while the
+    # losses agree to ~3e-5, measured on this CPU: there the losses are the check)
     ckpt = sorted((res.run_dir / "checkpoints").glob("step-*"))[-1]
     with safe_open(str(ckpt / "lora_state.safetensors"), "pt") as f:
         keys = set(f.keys())

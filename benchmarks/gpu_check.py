@@ -169,7 +169,7 @@ def ours_vs_bare(smoke: bool, tmp: Path) -> dict:
         build_full_sd15(model)
     res = 64 if smoke else 512
     make_images(tmp / "data", 4, res)
-    args = ap.Namespace(resolution=res, steps=4 if smoke else 20, train_te=False)
+    args = ap.Namespace(resolution=res, steps=4 if smoke else 20, train_te=False, fp8_base=False, compile=False)
     cuda = torch.cuda.is_available() and not smoke
     device, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     o, _, _ = ours(model, tmp / "data", tmp / "out", args, ("train.mixed_precision=bf16",) if cuda else ())

@@ -18,28 +18,15 @@ from safetensors.torch import load_file
 
 from trainer import config as C
 from trainer.train import recipe
-from trainer.train.recipe import train
 
-from tests.fixtures.runs import tiny_overrides
+from tests.fixtures.runs import tiny_overrides, train_seeing_base
 
 SMALL = {"data.resolution": 64, "data.max_bucket_px": 64, "train.batch_size": 1, "lora.train_text_encoder": False}
 
 
 def _run(tiny_sd1_dir, image_folder, out, steps=5, resume=False, **sets):
-    losses, seen = [], {}
-    real = recipe._load_model
-
-    def spy(*a, **k):
-        seen["base"] = real(*a, **k)
-        return seen["base"]
-
-    recipe._load_model = spy
-    try:
-        cfg = C.load_config(None, tiny_overrides(tiny_sd1_dir, image_folder, out, steps=steps, **SMALL, **sets))
-        res = train(cfg, on_event=lambda e: e.type == "step" and losses.append(e.loss), resume=resume)
-    finally:
-        recipe._load_model = real
-    return losses, res, seen["base"]
+    cfg = C.load_config(None, tiny_overrides(tiny_sd1_dir, image_folder, out, steps=steps, **SMALL, **sets))
+    return train_seeing_base(cfg, resume=resume)
 
 
 INDUCTOR = os.environ.get("LORASTUDIO_TEST_INDUCTOR") == "1"

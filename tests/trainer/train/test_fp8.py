@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 from trainer import config as C
 from trainer.errors import UserError
 from trainer.models.fp8 import FP8, UNET_KEEP, store_fp8, weight_bytes
-from trainer.train import recipe
 from trainer.train.recipe import train
 
-from tests.fixtures.runs import tiny_overrides
+from tests.fixtures.runs import tiny_overrides, train_seeing_base
 
 SMALL = {"data.resolution": 64, "data.max_bucket_px": 128, "train.batch_size": 1}
 
@@ -34,19 +33,8 @@ def test_full_size_sd15_unet_weights_fall_to_at_most_55_percent_of_bf16():
 
 
 def _losses(cfg) -> tuple[list[float], object]:
-    losses, seen = [], {}
-    real = recipe._load_model
-
-    def spy(*a, **k):
-        seen["base"] = real(*a, **k)
-        return seen["base"]
-
-    recipe._load_model = spy
-    try:
-        res = train(cfg, on_event=lambda e: e.type == "step" and losses.append(e.loss))
-    finally:
-        recipe._load_model = real
-    return losses, (res, seen["base"])
+    losses, res, base = train_seeing_base(cfg)
+    return losses, (res, base)
 
 
 def test_10_steps_lose_as_much_as_the_full_precision_run(tiny_sd1_dir, image_folder, tmp_path):

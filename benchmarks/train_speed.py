@@ -95,8 +95,10 @@ def ours(model: Path, data: Path, out: Path, args, extra: tuple = (),
 
     def on_event(e):
         if phases is not None and (e.type in ("log", "phase") and (e.type == "log" or e.done in (0, e.total))
-                                   or e.type == "step" and e.step <= 2):
-            what = e.message if e.type == "log" else e.name if e.type == "phase" else f"step {e.step}"
+                                   or e.type == "step" and (e.step <= 2 or e.step == args.steps)
+                                   or e.type == "run_ended"):
+            what = (e.message if e.type == "log" else e.name if e.type == "phase"
+                    else f"run ended ({e.status}, final save included)" if e.type == "run_ended" else f"step {e.step}")
             phases.append((time.perf_counter() - t0, what[:60], *_mem_mib()))
             print("  %7.1f s  %s  %6.0f MiB  %6.0f MiB" % phases[-1], flush=True)
         if e.type == "step":

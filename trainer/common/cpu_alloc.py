@@ -6,7 +6,9 @@ about 465,000 minor page faults (some 1.8 GB of zero-filling) per SD1.5 UNet cal
 its weights (for example after fusing LoRAs). With mmap disabled for malloc and a high trim threshold, freed blocks
 are reused from the heap: one UNet call on CPU went from 1.98 s (base) / 2.62 s (fused) to 1.41 s / 1.44 s
 (docs/benchmarks.md). The cost is that memory freed by the process stays with it for reuse rather than going back
-to the OS at once, which is what a long-running generation or training process wants anyway.
+to the OS at once, which is what a long-running generation or training process wants anyway. When the process
+drops something large for good (the trainer's VAE and text encoders once their outputs are cached),
+``give_back_freed()`` hands the freed pages back explicitly (glibc's ``malloc_trim``).
 
 Set ``LORASTUDIO_MALLOC=default`` to leave glibc's settings alone.
 """
@@ -49,6 +51,19 @@ def _apply() -> bool:
     # mallopt returns 1 on success; order matters: the trim threshold before mmap is switched off
     return bool(mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) and mallopt(_M_TOP_PAD, 64 << 20)
                 and mallopt(_M_MMAP_MAX, 0))
+
+
+def give_back_freed() -> bool:
+    """Return the heap's free pages to the OS now (glibc ``malloc_trim(0)``, which also releases free pages in
+    the middle of the heap); True when glibc did release memory. A no-op elsewhere."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = (ctypes.c_size_t,), ctypes.c_int
+    return bool(trim(0))
 
 
 def is_cpu(device) -> bool:

@@ -26,7 +26,7 @@ from trainer.train.checkpoint import latest_checkpoint, list_checkpoints, load_c
 from trainer.train import loss as L
 from trainer.train.data import (LatentCache, TrainData, build_data, captions_are_static, load_mask, load_pixels,
                                   process_caption)
-from trainer.common.cpu_alloc import is_cpu, keep_cpu_buffers
+from trainer.common.cpu_alloc import give_back_freed, is_cpu, keep_cpu_buffers
 from trainer.errors import UserError
 from trainer.train.ema import Ema, nothing
 from trainer.train.events import (Checkpoint, Event, JsonlSink, Log, Phase, RunEnded, RunStarted, Sample, Step,
@@ -168,8 +168,6 @@ def train(cfg: C.Config, on_event: Callable[[Event], None] | None = None,
     data = build_data(cfg, warnings.append)  # bad data fails before anything is written
 
     accelerator = _make_accelerator(cfg)
-    if is_cpu(accelerator.device):
-        keep_cpu_buffers()  # oneDNN's per-call weight reorders otherwise page-fault on fresh mmaps
     is_main = accelerator.is_main_process
     run_dir = _prepare_run_dir(cfg, resume, overwrite, is_main)
     accelerator.wait_for_everyone()
@@ -283,6 +281,11 @@ def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, re
         return _stopped_before_training(run_dir, emit)
     texts = _text_conditioning(cfg, data, base, accelerator.device, validation)
     _release_cached_away(cfg, base, cache, validation, texts, emit)
+    if is_cpu(accelerator.device):
+        # from here on, not before: oneDNN's per-call weight reorders in the steps otherwise page-fault on fresh
+        # mmaps; loading and caching, whose large blocks are short-lived and mostly freed for good, keep glibc's
+        # own settings, so what they free goes back to the OS (see cpu_alloc)
+        keep_cpu_buffers()
     optimizer, scheduler = _optimization(cfg, handles)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     ema = Ema(params, cfg.train.ema_decay, cfg.train.ema_warmup) if cfg.train.ema_decay > 0 else None
@@ -618,6 +621,7 @@ def _release_cached_away(cfg: C.Config, base, cache, validation, texts, emit) ->
     if dropped:
         import gc
         gc.collect()
+        give_back_freed()  # the heap keeps freed blocks for reuse (cpu_alloc); these are gone for good
         emit(Log(message=f"{' and '.join(dropped)} freed: their outputs are cached"))
 
 

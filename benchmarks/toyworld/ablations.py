@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma list of variants: " + ", ".join(VARIANTS))
     ap.add_argument("--style", default="shadow", choices=tw.ALL_STYLES, help="the style the LoRAs learn")
     ap.add_argument("--n", type=int, default=60, help="samples per condition (cycling through the 15 pairs)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
     ap.add_argument("--max-steps", type=int, default=0, help="override the preset's train.max_steps (smoke runs)")
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
     ap.add_argument("--reuse", action="store_true",
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from benchmarks.toyworld import harness as tl
     ev = tl.Evaluator()
     style = args.style

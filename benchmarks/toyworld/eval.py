@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--trigger", default="zxq style")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
     ap.add_argument("--conditions", default="plain,start,end,templates",
                     help="comma list of: plain, start, end (trigger position), templates (random templates)")
     ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args(argv)
 
     import torch
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from benchmarks.toyworld.pretrain import DEFAULT_OUT, generate, load_toyworld, roundtrip
 
     pipe = load_toyworld(args.model or DEFAULT_OUT)

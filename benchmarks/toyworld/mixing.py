@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shadow", default="", help="a drop-shadow LoRA (trigger 'zxq style'); default: train one")
     ap.add_argument("--paper", default="", help="a paper-tint LoRA (trigger 'vbn style'); default: train one")
     ap.add_argument("--n", type=int, default=45, help="samples per row (cycling through the 15 pairs)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
     ap.add_argument("--max-steps", type=int, default=0, help="override the preset's train.max_steps (smoke runs)")
     ap.add_argument("--work", default="", help="scratch folder for training (default: a temporary one)")
     ap.add_argument("--out", default=str(REPO / "docs" / "toyworld-mixing.md"))
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     import torch
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from benchmarks.toyworld import harness as tl
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

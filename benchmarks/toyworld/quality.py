@@ -84,7 +84,24 @@ def _train(tl, data, work: Path, name: str, reuse: bool, **kw) -> Path:
 
 MASKED_RUNS = {"with_masks": lambda m: {"data.mask_dir": str(m)},
                "with_masks_prior": lambda m: {"data.mask_dir": str(m), "data.inverted_mask_prior": 1.0},
+               # ai-toolkit's default weight of the prior
+               "with_masks_prior_0.5": lambda m: {"data.mask_dir": str(m), "data.inverted_mask_prior": 0.5},
+               # the masks grown by one latent cell (4 px), so no cell the outline touches is pulled to the base
+               "with_grown_masks_prior": lambda m: {"data.mask_dir": str(grown_masks(m)),
+                                                    "data.inverted_mask_prior": 1.0},
                "without_masks": lambda m: {}}
+GROW_PX = 4  # the toy VAE's latent cell
+
+
+def grown_masks(masks: Path) -> Path:
+    """<masks>-grown: every mask dilated by GROW_PX (a square max filter), made once."""
+    out = masks.parent / (masks.name + "-grown")
+    if not out.is_dir():
+        from PIL import ImageFilter
+        out.mkdir()
+        for f in sorted(masks.glob("*.png")):
+            Image.open(f).convert("L").filter(ImageFilter.MaxFilter(2 * GROW_PX + 1)).save(out / f.name)
+    return out
 
 
 def masked(work: Path, ev, n: int, threads: int, steps: int, reuse: bool = False, runs: set | None = None) -> dict:
@@ -236,6 +253,8 @@ def render(res: dict) -> str:
                 "| run | outline, trigger | paper (background), trigger | paper, no trigger | colour | shape |",
                 "|---|---|---|---|---|---|"]
         for name in ("base", *MASKED_RUNS):
+            if name not in m:
+                continue
             r = m[name]
             on, off = r["with_trigger"], r["without_trigger"]
             out.append(f"| {name.replace('_', ' ')} | {on['outline_stat']} | {on['paper_stat']} | "

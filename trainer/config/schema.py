@@ -125,7 +125,10 @@ class DataConfig:
                                      "inverted_mask_prior): in the masked-out area the target is the base model's "
                                      "own prediction (one more forward per step with every adapter off), so the "
                                      "LoRA learns to leave the background as the base draws it. 0 = off; needs "
-                                     "data.mask_dir or data.alpha_mask.", min=0.0, max=10.0,
+                                     "data.mask_dir or data.alpha_mask. Masks act on the latent grid (8 px a "
+                                     "cell): grow a mask about one cell beyond the style it keeps, or the "
+                                     "prior pulls the style's edge back to the base (docs/toyworld-quality.md).",
+                                     min=0.0, max=10.0,
                                      label="Inverted mask prior")
     validation_dir: str = opt("", "Validation: a folder of held-out images with captions (same layout as "
                               "data.dir); their loss is measured with fixed noise and timesteps.", path=True,

@@ -149,6 +149,9 @@ def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, ext
     if not reg.is_dir():
         tl.make_reg_set(reg)
     sets = {"data.validation_split": 0.2, "train.validation_every_steps": every, **extra}
+    if extra.get("data.validation_split") == FEW:  # FEW training pictures, the others held out
+        data, sets["data.validation_split"] = few_pictures(data), 0.0
+        sets["data.validation_dir"] = str(data.with_name(data.name + "-held-out"))
     if steps:
         sets["train.max_steps"] = steps
     t = time.time()
@@ -177,6 +180,22 @@ def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, ext
         f.write_text(json.dumps(row["raw"]), encoding="utf-8")
     print(json.dumps({name: row}), flush=True)
     return row
+
+
+FEW = -3  # a marker for _shadow_run: train on 3 of the 30 shadow pictures, validate on the other 27
+
+
+def few_pictures(data: Path, k: int = -FEW) -> Path:
+    """<data>-few with the first k pictures (and captions) of ``data``, <data>-few-held-out with the rest."""
+    import shutil
+    few, held = data.with_name(data.name + "-few"), data.with_name(data.name + "-few-held-out")
+    if not few.is_dir():
+        few.mkdir()
+        held.mkdir()
+        for i, img in enumerate(sorted(data.glob("*.png"))):
+            for f in (img, img.with_suffix(".txt")):
+                shutil.copy2(f, (few if i < k else held) / f.name)
+    return few
 
 
 def curve_summary(curve: list[list[float]]) -> dict:
@@ -223,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if "validation" in only:
             res["validation"]["lr_x10"] = shadow("val-lr10", {"train.learning_rate": lr * 10}, LR10_EVERY)
             res["validation"]["lr_x3"] = shadow("val-lr3", {"train.learning_rate": lr * 3})
+            # overfitting by design: 3 training pictures, 27 held out
+            res["validation"]["few"] = shadow("val-few", {"data.validation_split": FEW})
         if "ema" in only:
             res["ema"] = {"plain": plain, "ema": shadow("val-ema", {"train.ema_decay": 0.99,
                                                                      "train.ema_save_both": True})}

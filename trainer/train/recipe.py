@@ -279,6 +279,7 @@ def _run(cfg, data: TrainData, accelerator, run_dir: Path, emit, should_stop, re
     validation, val_complete = _validation_set(cfg, data, base, accelerator, emit, stop_requested)
     if not (complete and val_complete):
         return _stopped_before_training(run_dir, emit)
+    _release_cached_away(cfg, base, cache, validation, None, emit)
     texts = _text_conditioning(cfg, data, base, accelerator.device, validation)
     _release_cached_away(cfg, base, cache, validation, texts, emit)
     if is_cpu(accelerator.device):
@@ -598,11 +599,12 @@ def _text_conditioning(cfg: C.Config, data: TrainData, base, device, validation=
 def _release_cached_away(cfg: C.Config, base, cache, validation, texts, emit) -> None:
     """What the caches made unnecessary leaves the device: the VAE once every latent is cached, the frozen text
     encoders once every caption's embedding is. On a CPU, where leaving the device frees nothing, they are
-    dropped (sampling keeps both: it needs them)."""
+    dropped (sampling keeps both: it needs them). Called once the latents are cached (``texts`` None: the VAE
+    only, so it is gone before the text encoders run) and again once the captions are."""
     if _sampling_on(cfg) and cfg.sample.prompts:
         return
-    vae_done = cache is not None
-    tes_done = texts.cache is not None and not cfg.lora.train_text_encoder
+    vae_done = cache is not None and not isinstance(base.vae, SimpleNamespace)
+    tes_done = texts is not None and texts.cache is not None and not cfg.lora.train_text_encoder
     if vae_done:
         base.vae.to("cpu")
     if base.unet.device.type != "cpu":
@@ -622,7 +624,8 @@ def _release_cached_away(cfg: C.Config, base, cache, validation, texts, emit) ->
         import gc
         gc.collect()
         give_back_freed()  # the heap keeps freed blocks for reuse (cpu_alloc); these are gone for good
-        emit(Log(message=f"{' and '.join(dropped)} freed: their outputs are cached"))
+        for what in dropped:
+            emit(Log(message=f"{what} freed: {'its' if what == 'the VAE' else 'their'} outputs are cached"))
 
 
 def _optimization(cfg: C.Config, handles):

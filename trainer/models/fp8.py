@@ -35,8 +35,9 @@ _scratch: dict[torch.dtype, torch.Tensor] = {}
 def _upcast(w8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The fp8 weight in ``dtype``, for one op. On CPU a large one goes into a buffer kept for the next layer
     instead of a fresh allocation per call: the upcasts are the largest short-lived blocks of a training step
-    (up to 118 MB for SD1.5's widest conv), and under the trainer's CPU allocator setting (trainer/common/cpu_alloc.py) a fresh
-    one each call left the heap fragmented, about 1 GB above what the step holds live. Safe because every
+    (up to 118 MB for SD1.5's widest conv), and under the trainer's CPU allocator setting
+    (trainer/common/cpu_alloc.py) a fresh one each call fragmented the heap: a full-size SD1.5 step grew the
+    process by 1.8 GB, against 1.2-1.3 GB with the reused buffer (docs/benchmarks.md). Safe because every
     caller uses the result at once and keeps nothing of it (the autograd functions below save the fp8 tensor
     only), and a CPU step runs its layers one after another. Not while compiling (torch.compile traces the
     plain cast)."""

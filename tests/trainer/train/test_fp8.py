@@ -125,3 +125,28 @@ def test_an_fp8_run_from_a_diffusers_folder_never_holds_the_full_precision_unet(
     losses, (res, base) = _losses(cfg)
     assert res.status == "completed" and len(losses) == 2 and not loaded  # read straight into fp8
     assert base.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.get_base_layer().weight.dtype == FP8
+
+
+def test_the_reused_upcast_buffer_gives_the_same_outputs_and_gradients(monkeypatch):
+    """On CPU the large fp8 weights are upcast into one reused buffer (trainer/models/fp8.py, _upcast). A stack of
+    fp8 convs and linears, where each layer's upcast overwrites the previous one's before the backward pass runs,
+    must give bit for bit the outputs and input/LoRA-side gradients of fresh upcasts."""
+    from trainer.models import fp8
+
+    def run(min_numel):
+        monkeypatch.setattr(fp8, "_SCRATCH_MIN", min_numel)
+        monkeypatch.setattr(fp8, "_scratch", {})
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(4, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 3, padding=1),
+                                  torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 32), torch.nn.Linear(32, 5))
+        net.requires_grad_(False)
+        store_fp8(net, torch.float32)
+        x = torch.randn(2, 4, 6, 6, requires_grad=True)
+        y = net(x)
+        y.square().sum().backward()
+        return y.detach(), x.grad, dict(fp8._scratch)
+
+    fresh_y, fresh_g, none = run(1 << 62)
+    reused_y, reused_g, used = run(0)
+    assert not none and used  # the second run really went through the buffer
+    assert torch.equal(fresh_y, reused_y) and torch.equal(fresh_g, reused_g)

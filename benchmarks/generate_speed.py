@@ -24,6 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.threads import add_threads_option, use_threads  # noqa: E402
+
 
 def sd15_base_model(device: str, dtype, seed: int = 0):
     """An SD1.5-shaped BaseModel (real configs, random weights) built in memory."""
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="interleaved base / fused / unfused rounds")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    add_threads_option(ap)
     ap.add_argument("--tiny", action="store_true", help="use the tiny test model (smoke run)")
     args = ap.parse_args(argv)
 
@@ -132,8 +134,7 @@ def main(argv=None) -> int:
 
     from trainer.generate.engine import Generator, LoraSpec
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
     base = tiny_base_model(args.device, dtype) if args.tiny else sd15_base_model(args.device, dtype)

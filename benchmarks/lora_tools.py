@@ -24,6 +24,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from benchmarks.threads import add_threads_option, use_threads  # noqa: E402
 
 
 def build_sd15():
@@ -93,12 +94,11 @@ def differences_only(tuned, base, convs: bool) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_threads_option(ap)
     ap.add_argument("--keep", help="write the files here instead of a temporary folder")
     ap.add_argument("--no-extract", action="store_true", help="skip extract (it holds two SD1.5 models in RAM)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     from trainer.lora.io import read_lora
     from trainer.lora.tools.extract import extract_from_models

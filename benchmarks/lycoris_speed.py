@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.generate_speed import sd15_base_model, timed, tiny_base_model  # noqa: E402
+from benchmarks.threads import add_threads_option, use_threads  # noqa: E402
 
 KINDS = ("lora", "loha", "lokr", "dora")
 PEFT = "(peft forward)"
@@ -141,13 +142,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1, help="training batch")
     ap.add_argument("--conv-rank", type=int, default=0, help="training: also adapt the 3x3 convs at this rank")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0)
+    add_threads_option(ap)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--only", choices=("generation", "training"), default=None)
     args = ap.parse_args(argv)
     import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     what = "tiny test model" if args.tiny else "SD1.5 shapes, random weights"
     print(f"{what}, rank {args.rank}, {args.size} px, device {args.device}, {args.rounds} rounds (medians)")
     if args.only != "training":

@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datasets_tools import toyworld as tw
+from benchmarks.threads import add_threads_option, use_threads
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma list of variants: " + ", ".join(VARIANTS))
     ap.add_argument("--style", default="shadow", choices=tw.ALL_STYLES, help="the style the LoRAs learn")
     ap.add_argument("--n", type=int, default=60, help="samples per condition (cycling through the 15 pairs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
+    add_threads_option(ap)
     ap.add_argument("--max-steps", type=int, default=0, help="override the preset's train.max_steps (smoke runs)")
     ap.add_argument("--work", default="", help="scratch folder (default: a temporary one)")
     ap.add_argument("--reuse", action="store_true",
@@ -95,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
 
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from benchmarks.toyworld import harness as tl
     ev = tl.Evaluator()
     style = args.style

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 from datasets_tools import toyworld as tw
+from benchmarks.threads import add_threads_option, use_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,15 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps")
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--trigger", default="zxq style")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
+    add_threads_option(ap)
     ap.add_argument("--conditions", default="plain,start,end,templates",
                     help="comma list of: plain, start, end (trigger position), templates (random templates)")
     ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args(argv)
 
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from benchmarks.toyworld.pretrain import DEFAULT_OUT, generate, load_toyworld, roundtrip
 
     pipe = load_toyworld(args.model or DEFAULT_OUT)

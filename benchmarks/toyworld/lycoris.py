@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from datasets_tools import toyworld as tw
+from benchmarks.threads import add_threads_option, use_threads
 
 #: Issue 14's bars: with the trigger at least this share of the VAE ceiling; at (1, 1) each statistic keeps this.
 LEARN_BAR, MIX_KEEP_BAR = 0.75, 0.6
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting over the preset")
     ap.add_argument("--label", default="", help="tag for the run names (several settings in one --work)")
     ap.add_argument("--n", type=int, default=45, help="samples per condition")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for scoring")
+    add_threads_option(ap, default=1)  # scoring; the trainings run one thread each
     ap.add_argument("--train-only", action="store_true", help="train what is missing and stop")
     ap.add_argument("--reuse", action="store_true", help="score the files already in --work")
     ap.add_argument("--json", default="")
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_only:
         print(json.dumps(trained, indent=1))
         return 0
-    import torch
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from benchmarks.toyworld import harness as tl
     from benchmarks.toyworld import mixing
     ev = tl.Evaluator()

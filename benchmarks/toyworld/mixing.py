@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datasets_tools import toyworld as tw
+from benchmarks.threads import add_threads_option, use_threads
 
 REPO = Path(__file__).resolve().parents[2]
 STYLES = ("shadow", "paper")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shadow", default="", help="a drop-shadow LoRA (trigger 'zxq style'); default: train one")
     ap.add_argument("--paper", default="", help="a paper-tint LoRA (trigger 'vbn style'); default: train one")
     ap.add_argument("--n", type=int, default=45, help="samples per row (cycling through the 15 pairs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
+    add_threads_option(ap)
     ap.add_argument("--max-steps", type=int, default=0, help="override the preset's train.max_steps (smoke runs)")
     ap.add_argument("--work", default="", help="scratch folder for training (default: a temporary one)")
     ap.add_argument("--out", default=str(REPO / "docs" / "toyworld-mixing.md"))
@@ -176,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --{flag}: no such LoRA file: {path}", file=sys.stderr)
             return 2
 
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     from benchmarks.toyworld import harness as tl
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)

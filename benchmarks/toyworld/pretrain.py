@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets_tools import toyworld as tw
+from benchmarks.threads import add_threads_option, use_threads
 
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "trainer" / "assets" / "toyworld"
 MAX_TOKENS = 77
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (diffusers layout)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=45.0, help="safety deadline for the whole run")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
+    add_threads_option(ap)
     ap.add_argument("--vae-steps", type=int, default=1200)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--vae-share", type=float, default=0.35,
@@ -352,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.time()
     deadline = start + args.minutes * 60

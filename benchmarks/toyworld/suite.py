@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from datasets_tools import toyworld as tw
+from benchmarks.threads import add_threads_option, use_threads
 
 REPO = Path(__file__).resolve().parents[2]
 #: The issue's bars: with the trigger at least this share of the VAE ceiling (goal 0.8), content at least this.
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting over the preset")
     ap.add_argument("--label", default="", help="tag for the run names (several recipes in one --work)")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, which follows OMP_NUM_THREADS)")
+    add_threads_option(ap)
     ap.add_argument("--n", type=int, default=30, help="samples per condition")
     ap.add_argument("--reuse", action="store_true", help="score LoRAs already in --work instead of training")
     ap.add_argument("--score-every", type=int, default=0, metavar="N",
@@ -183,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
         trained = list(pool.map(lambda s: train_style(work, s, sets, args.reuse, args.label), styles))
-    import torch
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     ev = tl.Evaluator()
     rows = []
     for t in trained:

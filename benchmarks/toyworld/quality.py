@@ -141,7 +141,9 @@ def _cached_score(run_dir: Path, reuse: bool, score) -> dict:
 
 
 def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, extra: dict,
-                reuse: bool = False, every: int = VALIDATE_EVERY) -> dict:
+                reuse: bool = False, every: int = VALIDATE_EVERY, few: int = 0) -> dict:
+    """One drop-shadow run with validation (a 0.2 split; with ``few``, trained on the first ``few`` pictures
+    and validated on the others), scored."""
     from benchmarks.toyworld import harness as tl
     data, reg = work / "shadow", work / "reg"
     if not data.is_dir():
@@ -149,9 +151,9 @@ def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, ext
     if not reg.is_dir():
         tl.make_reg_set(reg)
     sets = {"data.validation_split": 0.2, "train.validation_every_steps": every, **extra}
-    if extra.get("data.validation_split") == FEW:  # FEW training pictures, the others held out
-        data, sets["data.validation_split"] = few_pictures(data), 0.0
-        sets["data.validation_dir"] = str(data.with_name(data.name + "-held-out"))
+    if few:
+        data, held_out = few_pictures(data, few)
+        sets |= {"data.validation_split": 0.0, "data.validation_dir": str(held_out)}
     if steps:
         sets["train.max_steps"] = steps
     t = time.time()
@@ -182,10 +184,10 @@ def _shadow_run(work: Path, ev, n: int, threads: int, steps: int, name: str, ext
     return row
 
 
-FEW = -3  # a marker for _shadow_run: train on 3 of the 30 shadow pictures, validate on the other 27
+FEW = 3  # the overfitting run: trained on 3 of the 30 shadow pictures, validated on the other 27
 
 
-def few_pictures(data: Path, k: int = -FEW) -> Path:
+def few_pictures(data: Path, k: int) -> tuple[Path, Path]:
     """<data>-few with the first k pictures (and captions) of ``data``, <data>-few-held-out with the rest."""
     import shutil
     few, held = data.with_name(data.name + "-few"), data.with_name(data.name + "-few-held-out")
@@ -195,7 +197,7 @@ def few_pictures(data: Path, k: int = -FEW) -> Path:
         for i, img in enumerate(sorted(data.glob("*.png"))):
             for f in (img, img.with_suffix(".txt")):
                 shutil.copy2(f, (few if i < k else held) / f.name)
-    return few
+    return few, held
 
 
 def curve_summary(curve: list[list[float]]) -> dict:
@@ -229,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     if "masked" in only:
         res["masked"] = masked(work, ev, args.n, args.threads, args.steps, args.reuse, runs)
 
-    def shadow(name: str, extra: dict, every: int = VALIDATE_EVERY):
+    def shadow(name: str, extra: dict, every: int = VALIDATE_EVERY, few: int = 0):
         if runs and name not in runs:
             return None
-        return _shadow_run(work, ev, args.n, args.threads, args.steps, name, extra, args.reuse, every)
+        return _shadow_run(work, ev, args.n, args.threads, args.steps, name, extra, args.reuse, every, few)
 
     if "validation" in only or "ema" in only:
         from trainer.config import load_config
@@ -243,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             res["validation"]["lr_x10"] = shadow("val-lr10", {"train.learning_rate": lr * 10}, LR10_EVERY)
             res["validation"]["lr_x3"] = shadow("val-lr3", {"train.learning_rate": lr * 3})
             # overfitting by design: 3 training pictures, 27 held out
-            res["validation"]["few"] = shadow("val-few", {"data.validation_split": FEW})
+            res["validation"]["few"] = shadow("val-few", {}, few=FEW)
         if "ema" in only:
             res["ema"] = {"plain": plain, "ema": shadow("val-ema", {"train.ema_decay": 0.99,
                                                                      "train.ema_save_both": True})}

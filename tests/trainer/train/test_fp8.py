@@ -130,7 +130,7 @@ def test_an_fp8_run_from_a_diffusers_folder_never_holds_the_full_precision_unet(
 def test_the_reused_upcast_buffer_gives_the_same_outputs_and_gradients(monkeypatch):
     """On CPU the large fp8 weights are upcast into one reused buffer (trainer/models/fp8.py, _upcast). A stack of
     fp8 convs and linears, where each layer's upcast overwrites the previous one's before the backward pass runs,
-    must give bit for bit the outputs and input/LoRA-side gradients of fresh upcasts."""
+    must give bit for bit the outputs and input gradients of fresh upcasts."""
     from trainer.models import fp8
 
     def run(min_numel):

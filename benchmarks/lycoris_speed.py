@@ -30,9 +30,9 @@ from benchmarks.generate_speed import sd15_base_model, timed, tiny_base_model  #
 from benchmarks.threads import add_threads_option, use_threads  # noqa: E402
 
 KINDS = ("lora", "loha", "lokr", "dora")
-PEFT = "(peft forward)"
+PEFT = "-peft"
 #: training rows: each type with our forward, and LoHa/LoKr with peft's own (the figure before trainer.lora.lycoris_fast)
-TRAIN_KINDS = KINDS + (f"loha {PEFT}", f"lokr {PEFT}")
+TRAIN_KINDS = KINDS + (f"loha{PEFT}", f"lokr{PEFT}")
 
 
 def _model(args, device, seed=0):
@@ -105,14 +105,15 @@ def training(args, device) -> dict[str, float]:
 
     import gc
     res = {}
-    for name in TRAIN_KINDS:  # one model at a time (four SD1.5 UNets with optimizer state do not fit a small machine)
-        kind, peft_forward = name.split(" ")[0], name.endswith(PEFT)
+    for name in args.train_kinds:  # one model at a time (four SD1.5 UNets with optimizer state do not fit a small machine)
+        kind, peft_forward = name.removesuffix(PEFT), name.endswith(PEFT)
         base = _model(args, device)
         torch.manual_seed(0)
         h = inject_lora(base.unet, base.text_encoders, _cfg(kind, args.rank, args.conv_rank), train_text_encoder=False)
         if peft_forward:  # peft's own forward: the full delta weight rebuilt and applied as an extra matmul
             for _, _, layer in h.modules:
                 layer.__dict__.pop("_get_delta_activations", None)
+                layer.__dict__.pop("forward", None)
         unet, opt = base.unet, torch.optim.AdamW(h.all_params, lr=1e-4)
         lat = max(8, args.size // 8)
         g = torch.Generator().manual_seed(0)
@@ -145,6 +146,8 @@ def main(argv=None) -> int:
     add_threads_option(ap)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--only", choices=("generation", "training"), default=None)
+    ap.add_argument("--train-kinds", nargs="+", choices=TRAIN_KINDS, default=list(TRAIN_KINDS),
+                    help=f"training rows ('{PEFT}': peft's own forward); lora first, it is the ratios' base")
     args = ap.parse_args(argv)
     import torch
     use_threads(args.threads)
@@ -161,8 +164,8 @@ def main(argv=None) -> int:
     if args.only != "generation":
         r = training(args, args.device)
         print(f"training step (UNet, batch {args.batch}, conv rank {args.conv_rank}):")
-        for k in TRAIN_KINDS:
-            print(f"  {k:<20} {r[k]:.3f}s  {r[k] / r['lora']:.2f}x LoRA")
+        for k in args.train_kinds:
+            print(f"  {k:<20} {r[k]:.3f}s  " + (f"{r[k] / r['lora']:.2f}x LoRA" if "lora" in r else ""))
     return 0
 
 

@@ -11,6 +11,11 @@ The delta has structure that gives the same output for less (docs/lora-format.md
 * LoKr: ``kron(w1, w2) @ x`` is ``w1 @ X @ w2.T`` with x seen as a (b, d) matrix; for a conv, a convolution with w2
   on each of the b channel groups, then w1 across the groups.
 
+* LoHa, where the rank-r1*r2 pair costs more than the layer itself (narrow layers, many positions): the delta is
+  folded into the base weight for the call, ``F.linear(x, W + delta)``: the forward is one matmul instead of two and
+  the backward two (the input's and the folded weight's gradient) instead of three. Only with an fp32 base and no
+  autocast: in bf16/fp16, ``W + delta`` would round a small delta away, so there the separate forms stay.
+
 Only the order of the sums changes (float rounding, not the function). The file, the saved delta, merging and the
 generator are untouched: they all use peft's ``get_delta_weight``. Layers this does not cover (Tucker convs, grouped
 or non-zero-padded convs, Conv1d) keep peft's own code.
@@ -66,12 +71,54 @@ def _loha_low_rank_pays(layer, adapter: str, x: torch.Tensor) -> bool:
     base = layer.get_base_layer()
     r1, r2 = layer.hada_w1_a[adapter].shape[1], layer.hada_w2_a[adapter].shape[1]
     n_out, n_in = base.weight.shape[0], layer.hada_w1_b[adapter].shape[1]   # n_in: in * kh * kw for a conv
-    if isinstance(base, torch.nn.Conv2d):
-        t = x.shape[0] * x.shape[-2] * x.shape[-1] // (base.stride[0] * base.stride[1])
-    else:
-        t = x.numel() // x.shape[-1]
+    t = _positions(base, x)
     r = r1 * r2
     return (t + 1) * r * (n_in + n_out) < (t + r1 + r2) * n_in * n_out
+
+
+def _loha_fold_pays(layer, adapter: str, x: torch.Tensor) -> bool:
+    """Multiply-adds beyond the base layer's, forward and backward: the rank-r1*r2 pair (about three products of it
+    over the t positions) against the folded weight (its gradient, one full product over t, plus rebuilding the
+    delta from the factors, forward and backward)."""
+    base = layer.get_base_layer()
+    if type(base) not in (torch.nn.Linear, torch.nn.Conv2d) or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    if base.weight.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+        return False  # W + delta in half precision would round a small delta away
+    r1, r2 = layer.hada_w1_a[adapter].shape[1], layer.hada_w2_a[adapter].shape[1]
+    n_out, n_in = base.weight.shape[0], layer.hada_w1_b[adapter].shape[1]
+    t = _positions(base, x)
+    return t * n_in * n_out + 3 * (r1 + r2) * n_in * n_out < 3 * (t + 1) * r1 * r2 * (n_in + n_out)
+
+
+def _positions(base, x: torch.Tensor) -> int:
+    if isinstance(base, torch.nn.Conv2d):
+        return x.shape[0] * x.shape[-2] * x.shape[-1] // (base.stride[0] * base.stride[1])
+    return x.numel() // x.shape[-1]
+
+
+def _loha_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """peft's LoHa forward, except that a call where folding pays computes ``base(x) + delta(x)`` as one
+    ``F.linear(x, W + delta)`` (or conv). Module dropout and rank dropout draw what peft's forward draws."""
+    active = [a for a in self.active_adapters if a in self._available_adapters]
+    if self.disable_adapters or self.merged or len(active) != 1 or args or kwargs \
+            or not _loha_fold_pays(self, active[0], x):
+        return type(self).forward(self, x, *args, **kwargs)
+    a, base = active[0], self.get_base_layer()
+    if self.training and not torch.rand(1) > self.module_dropout[a]:
+        return base(x)
+    w1a, w1b, w2a, w2b = self.hada_w1_a[a], self.hada_w1_b[a], self.hada_w2_a[a], self.hada_w2_b[a]
+    delta = ((w1a @ w1b) * (w2a @ w2b) * self.scaling[a]).reshape(base.weight.shape)
+    drop = _row_drop(self, a, delta.shape[0], delta.dtype, delta.device, "loha")
+    if drop is not None:
+        delta = delta * drop.view(-1, *[1] * (delta.dim() - 1))
+    w = base.weight.to(delta.dtype) + delta
+    xc = self._cast_input_dtype(x, delta.dtype)
+    if isinstance(base, torch.nn.Conv2d):
+        y = F.conv2d(xc, w, base.bias, base.stride, base.padding, base.dilation, base.groups)
+    else:
+        y = F.linear(xc, w, base.bias)
+    return y.to(x.dtype)
 
 
 def _loha_delta(self, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -120,10 +167,10 @@ def _lokr_delta(self, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.T
 
 
 def install(layer, adapter: str) -> bool:
-    """Give one peft LoHa/LoKr layer the structured forward when it applies; True if it did. A LoHa layer still takes
-    peft's dense delta on a call where that costs fewer multiply-adds (few positions, a rank product near the
-    layer's size). The instance method shadows the class's ``_get_delta_activations``, so
-    peft's forward (module dropout, merging, disabling) is unchanged."""
+    """Give one peft LoHa/LoKr layer the structured forward when it applies; True if it did. A LoHa layer takes,
+    call by call, the cheapest of: the folded weight (fp32 only), the rank-r1*r2 pair, peft's dense delta. The
+    instance methods shadow the class's ``_get_delta_activations`` (and, for LoHa, ``forward``, which hands every
+    call it does not fold to peft's own), so module dropout, merging and disabling are peft's."""
     from peft.tuners.loha.layer import LoHaLayer
     from peft.tuners.lokr.layer import LoKrLayer
     base = layer.get_base_layer()
@@ -136,6 +183,7 @@ def install(layer, adapter: str) -> bool:
         if adapter in layer.hada_t1 or adapter not in layer.hada_w1_a:
             return False
         layer._get_delta_activations = types.MethodType(_loha_delta, layer)
+        layer.forward = types.MethodType(_loha_forward, layer)
         return True
     if isinstance(layer, LoKrLayer):
         if adapter in layer.lokr_t2:

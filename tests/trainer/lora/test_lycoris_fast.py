@@ -1,5 +1,6 @@
 """The structured LoHa/LoKr training forward (trainer/lora/lycoris_fast.py) gives what peft's own forward gives:
-the same outputs and the same gradients, rank dropout included (the same random rows are dropped)."""
+the same outputs and the same gradients, rank dropout included (the same random rows are dropped), on layers where
+the LoHa delta is folded into the weight and on layers where it is applied as a rank-r*r pair."""
 
 import copy
 
@@ -15,9 +16,16 @@ class Layers(torch.nn.Module):
         self.lin = torch.nn.Linear(96, 120)
         self.conv = torch.nn.Conv2d(48, 64, 3, padding=1)
         self.pointwise = torch.nn.Conv2d(48, 40, 1, stride=2)
+        # narrow layers: a LoHa's rank-r*r pair costs more than the layer, so the delta is folded into the weight
+        self.narrow_lin = torch.nn.Linear(24, 20)
+        self.narrow_conv = torch.nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x, y):
-        return self.lin(x), self.conv(y), self.pointwise(y)
+        return (self.lin(x), self.conv(y), self.pointwise(y), self.narrow_lin(x[..., :24]),
+                self.narrow_conv(y[:, :8]))
+
+
+TARGETS = ["lin", "conv", "pointwise", "narrow_lin", "narrow_conv"]
 
 
 CONFIGS = {
@@ -31,20 +39,24 @@ CONFIGS = {
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_structured_forward_equals_peft_forward(kind):
-    from trainer.lora.lycoris_fast import install
+    from trainer.lora.lycoris_fast import _loha_fold_pays, install
     torch.manual_seed(0)
-    ours = peft.inject_adapter_in_model(CONFIGS[kind](["lin", "conv", "pointwise"]), Layers(), "default")
+    ours = peft.inject_adapter_in_model(CONFIGS[kind](TARGETS), Layers(), "default")
     with torch.no_grad():  # peft zero-initialises one factor; random factors so that every gradient is non-zero
         for name, p in ours.named_parameters():
             if "hada_" in name or "lokr_" in name:
                 p.normal_(0, 0.1)
     theirs = copy.deepcopy(ours)
     layers = [m for m in ours.modules() if hasattr(m, "rank_dropout")]
-    assert [install(m, "default") for m in layers] == [True] * 3
+    assert [install(m, "default") for m in layers] == [True] * len(TARGETS)
+    x, y = torch.randn(3, 7, 96), torch.randn(2, 48, 9, 9)
+    if kind.startswith("loha") and kind != "loha_rank1":  # both LoHa paths are taken: folded and rank-r*r pair
+        folds = {n: _loha_fold_pays(getattr(ours, n), "default", x[..., :24] if n == "narrow_lin" else
+                                    (y[:, :8] if n == "narrow_conv" else (x if n == "lin" else y))) for n in TARGETS}
+        assert folds == {"lin": False, "conv": False, "pointwise": True, "narrow_lin": True, "narrow_conv": True}
     for training in (False, True):
         ours.train(training)
         theirs.train(training)
-        x, y = torch.randn(3, 7, 96), torch.randn(2, 48, 9, 9)
         outs = []
         for model in (ours, theirs):
             torch.manual_seed(5)  # the same rank-dropout rows

@@ -129,7 +129,7 @@ def training(args, device) -> dict[str, float]:
 
         step()  # warm-up
         res[name] = statistics.median(timed(step, device) for _ in range(args.rounds))
-        del base, h, unet, opt
+        base = h = unet = opt = None  # free this model before the next is built
         gc.collect()
     return res
 
@@ -149,7 +149,6 @@ def main(argv=None) -> int:
     ap.add_argument("--train-kinds", nargs="+", choices=TRAIN_KINDS, default=list(TRAIN_KINDS),
                     help=f"training rows ('{PEFT}': peft's own forward); lora first, it is the ratios' base")
     args = ap.parse_args(argv)
-    import torch
     use_threads(args.threads)
     what = "tiny test model" if args.tiny else "SD1.5 shapes, random weights"
     print(f"{what}, rank {args.rank}, {args.size} px, device {args.device}, {args.rounds} rounds (medians)")

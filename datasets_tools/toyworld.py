@@ -585,7 +585,7 @@ def shape_features(img, mask: np.ndarray | None = None) -> dict | None:
         k = box_k[sl].sum()
         return float(box_m[sl].sum() / k) if k > 0 else 0.0
 
-    qh, qw = max(1, h // 5), max(1, w // 5)
+    qh = max(1, h // 5)
     ch, cw = max(1, h // 4), max(1, w // 4)
     corners = [frac((slice(0, ch), slice(0, cw))), frac((slice(0, ch), slice(w - cw, w))),
                frac((slice(h - ch, h), slice(0, cw))), frac((slice(h - ch, h), slice(w - cw, w)))]

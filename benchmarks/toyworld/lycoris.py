@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-from datasets_tools import toyworld as tw
 from benchmarks.threads import add_threads_option, use_threads
 
 #: Issue 14's bars: with the trigger at least this share of the VAE ceiling; at (1, 1) each statistic keeps this.

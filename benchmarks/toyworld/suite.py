@@ -87,8 +87,8 @@ def score_style(ev, style: str, lora: str | None, n: int, ceiling: dict | None =
 
 
 def render_markdown(res: dict) -> str:
-    out = [f"| style | kind | ceiling | base | with trigger | learned | without | content (colour / shape) | steps | "
-           f"train s | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| style | kind | ceiling | base | with trigger | learned | without | content (colour / shape) | steps | "
+           "train s | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         held = " (held out)" if r["style"] in tw.HELD_OUT else ""
         out.append(f"| {r['style']}{held} | {tw.STYLE_KINDS[r['style']]} | {r['ceiling']} | {r['base']} | "

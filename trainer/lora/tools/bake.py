@@ -334,7 +334,7 @@ def _read_header(path: Path):
 def _locate(model, plan: dict, keys: set, path: Path) -> dict[str, list]:
     """single-file key -> [(rows or None, plan items)] for every patched layer of the (meta) model."""
     from trainer.lora.keymap import TE_COMPONENTS, te_canonical_path
-    from trainer.models.ldm_export import UNET_PREFIX, clip_layer_to_ldm, unet_to_ldm
+    from trainer.models.ldm_export import clip_layer_to_ldm, unet_to_ldm
     from trainer.models.single_file import SD1_TE, SD2_TE, SDXL_TE1, SDXL_TE2
 
     te_prefix = {"sd1": [(SD1_TE, False)], "sd2": [(SD2_TE, True)],

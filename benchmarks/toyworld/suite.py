@@ -64,9 +64,11 @@ def train_style(work: Path, style: str, sets: dict, reuse: bool, tag: str) -> di
             "steps": int(meta.get("ss_steps", meta.get("lorastudio.steps", 0)) or 0), "reused": reuse}
 
 
-def score_style(ev, style: str, lora: str | None, n: int, ceiling: dict | None = None) -> dict:
+def score_style(ev, style: str, lora: str | None, n: int, ceiling: dict | None = None,
+                trigger: str | None = None) -> dict:
+    """`lora` scored on `style` with its trigger (the suite's per style unless given) and without."""
     ceiling = ceiling or ev.vae_ceiling(style, n=n)
-    trig = trigger_for(style)
+    trig = trigger or trigger_for(style)
     ev.set_loras([])
     base_on, _ = ev.score(tw.prompts(n, seed=3, trigger=trig), styles=(style,))
     ev.set_loras([(lora, 1.0)])

@@ -96,3 +96,20 @@ def test_decoder_only_stage_keeps_the_latent_space(tmp_path):
     tp.load_toyworld(out)  # loads like the committed one
 
 
+
+
+def test_demo_script_measures_the_demo_a_user_makes(tmp_path):
+    """`python -m benchmarks.toyworld.demo` (the per-style figures of docs/gui.md) end to end, cut to 2 steps: the
+    demo folders and preset from app.demo, template captions with the trigger, `lorastudio train --preset demo` in
+    the style's own LORASTUDIO_HOME, then the suite's scoring with the demo's trigger."""
+    pytest.importorskip("torch")
+    from benchmarks.toyworld import demo
+    md = tmp_path / "demo.md"
+    assert demo.main(["--work", str(tmp_path / "w"), "--styles", "outline", "--max-steps", "2", "--n", "2",
+                      "--markdown", str(md)]) == 0
+    captions = sorted((tmp_path / "w" / "outline" / "demo" / "outline" / "images").glob("*.txt"))
+    assert len(captions) == 30 and all(c.read_text().startswith("zxq style, ") for c in captions)
+    assert (tmp_path / "w" / "outline" / "home" / "presets" / "demo.toml").is_file()  # not the user's own home
+    row = md.read_text().splitlines()[2]
+    assert row.startswith("| `outline` |") and row.split("|")[6].strip() == "2"  # the run's steps
+    assert demo.main(["--work", str(tmp_path / "w"), "--styles", "stripes"]) == 2  # not a demo style

@@ -30,6 +30,10 @@ from pathlib import Path
 
 TOYWORLD_MODEL = Path(__file__).resolve().parent.parent / "trainer" / "assets" / "toyworld"
 TRIGGER = "zxq style"
+#: The form of the captions the template captioner makes from the demo's file names (red_circle_00.png -> "red
+#: circle", after the trigger): the demo's sample prompts and its measurement (benchmarks/toyworld/demo.py) use it,
+#: since a LoRA trained on one caption form answers that form (docs/gui.md).
+CAPTION_FORM = "{c} {s}"
 PRESET_NAME = "demo"
 TOYWORLD_PRESET = "toyworld-style"
 DEMO_STEPS = 600
@@ -151,7 +155,8 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path, style
     from trainer.config import apply_dict, load_config
     from trainer.config.presets import resolve_preset, save_user_preset
     cfg = load_config(resolve_preset(TOYWORLD_PRESET))
-    # the demo stops at 600 steps (about 5 minutes on 2 cores): the style shows, fainter than the full preset's
+    # the demo stops at DEMO_STEPS (3-5 minutes on 2 cores): each offered style shows, shadow and outline at about two
+    # thirds of the VAE ceiling against the full preset's 83-84% (measured per style: docs/gui.md)
     steps = min(cfg.train.max_steps, DEMO_STEPS)
     cfg = apply_dict(cfg, {
         "model": {"base": str(model)},
@@ -161,7 +166,9 @@ def write_demo_preset(model: Path, images: Path, outputs: Path, reg: Path, style
         "sample": {"every_steps": steps // 4,
                    # the captions the walk-through makes ("{trigger}, red circle"): a LoRA trained on one caption form
                    # answers that form, not "a red circle" (measured: docs/gui.md)
-                   "prompts": [f"{TRIGGER}, red circle", f"{TRIGGER}, blue square", "yellow triangle"],
+                   "prompts": [f"{TRIGGER}, {CAPTION_FORM.format(c='red', s='circle')}",
+                               f"{TRIGGER}, {CAPTION_FORM.format(c='blue', s='square')}",
+                               CAPTION_FORM.format(c="yellow", s="triangle")],
                    "steps": 20, "guidance_scale": 5.0, "sampler": "ddim", "width": 64, "height": 64},
         "output": {"dir": str(outputs), "name": "demo-lora", "trigger_phrase": TRIGGER},
     }, "demo preset")

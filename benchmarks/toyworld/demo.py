@@ -3,7 +3,8 @@ gets who presses "Create the demo" with that style, captions with the template c
 trains the `demo` preset: the demo folders and preset made by ``app.demo.create_demo``, the captions by
 `lorastudio prepare --captioner template --trigger`, the training by `lorastudio train --preset demo` (the
 demo's own step budget, ``app.demo.DEMO_STEPS``), the file scored as the style suite scores a LoRA
-(``benchmarks.toyworld.suite.score_style``: n samples with and without the trigger, DDIM 20, guidance 5).
+(``benchmarks.toyworld.suite.score_style``: n samples with and without the trigger, DDIM 20, guidance 5, in
+the demo's caption form ``app.demo.CAPTION_FORM``, "zxq style, red circle": a LoRA trained on one form answers it).
 
     python -m benchmarks.toyworld.demo --work DIR [--styles shadow,outline] [--jobs 2] [--n 30] [--reuse]
                                        [--max-steps N] [--json F] [--markdown F]
@@ -81,7 +82,7 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.demo import DEMO_STYLES, TRIGGER
+    from app.demo import CAPTION_FORM, DEMO_STYLES, TRIGGER
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, help="scratch folder (one demo root per style); kept for --reuse")
     ap.add_argument("--styles", default=",".join(DEMO_STYLES), help="comma list of demo styles")
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ev = tl.Evaluator()
     rows = []
     for t in trained:
-        rows.append({**t, **score_style(ev, t["style"], t["lora"], args.n, trigger=TRIGGER)})
+        rows.append({**t, **score_style(ev, t["style"], t["lora"], args.n, trigger=TRIGGER,
+                                          template=CAPTION_FORM)})
         print(rows[-1])
     text = render(rows)
     print(text)

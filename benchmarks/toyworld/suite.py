@@ -65,15 +65,16 @@ def train_style(work: Path, style: str, sets: dict, reuse: bool, tag: str) -> di
 
 
 def score_style(ev, style: str, lora: str | None, n: int, ceiling: dict | None = None,
-                trigger: str | None = None) -> dict:
-    """`lora` scored on `style` with its trigger (the suite's per style unless given) and without."""
+                trigger: str | None = None, template: int | str = 2) -> dict:
+    """`lora` scored on `style` with its trigger (the suite's per style unless given) and without, on prompts in
+    caption ``template`` (datasets_tools.toyworld.caption; 2 is "a {c} {s}"; the suite trains on random forms)."""
     ceiling = ceiling or ev.vae_ceiling(style, n=n)
     trig = trigger or trigger_for(style)
     ev.set_loras([])
-    base_on, _ = ev.score(tw.prompts(n, seed=3, trigger=trig), styles=(style,))
+    base_on, _ = ev.score(tw.prompts(n, seed=3, template=template, trigger=trig), styles=(style,))
     ev.set_loras([(lora, 1.0)])
-    on, _ = ev.score(tw.prompts(n, seed=3, trigger=trig), styles=(style,))
-    off, _ = ev.score(tw.prompts(n, seed=3), styles=(style,))
+    on, _ = ev.score(tw.prompts(n, seed=3, template=template, trigger=trig), styles=(style,))
+    off, _ = ev.score(tw.prompts(n, seed=3, template=template), styles=(style,))
     ev.set_loras([])
     c = ceiling["roundtrip"]
     learned = on.style[style] / c if c else 0.0

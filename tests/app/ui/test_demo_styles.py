@@ -133,7 +133,8 @@ def test_demo_style_without_demo_is_refused(capsys):
 
 
 def test_the_gui_docs_list_the_offered_styles():
-    """docs/gui.md's two style tables and the measuring command follow DEMO_STYLES (edit them when it changes)."""
+    """docs/gui.md's two style tables and the measuring command follow DEMO_STYLES and DEMO_STEPS (measure again and
+    edit them when they change)."""
     from app.demo import DEMO_STYLE_HELP, DEMO_STYLES
     text = (Path(__file__).resolve().parents[3] / "docs" / "gui.md").read_text(encoding="utf-8")
     section = text.split("## The first-run demo", 1)[1].split("\n## ", 1)[0]
@@ -141,4 +142,7 @@ def test_the_gui_docs_list_the_offered_styles():
     assert [line.split("`")[1] for line in described] == [*DEMO_STYLES, *DEMO_STYLES]
     for s in DEMO_STYLES:
         assert f"| `{s}` | {DEMO_STYLE_HELP[s]} |" in section, s
-    assert f"--styles {','.join(DEMO_STYLES)} --score-every 600" in section
+    assert "python -m benchmarks.toyworld.demo --work DIR" in section
+    from app.demo import DEMO_STEPS
+    measured = described[len(DEMO_STYLES):]
+    assert all(f"| {DEMO_STEPS} |" in line for line in measured), "the demo table is measured at DEMO_STEPS"

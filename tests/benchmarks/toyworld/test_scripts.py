@@ -96,8 +96,6 @@ def test_decoder_only_stage_keeps_the_latent_space(tmp_path):
     tp.load_toyworld(out)  # loads like the committed one
 
 
-
-
 def test_demo_script_measures_the_demo_a_user_makes(tmp_path):
     """`python -m benchmarks.toyworld.demo` (the per-style figures of docs/gui.md) end to end, cut to 2 steps: the
     demo folders and preset from app.demo, template captions with the trigger, `lorastudio train --preset demo` in

@@ -31,6 +31,9 @@ TARGETS = ["lin", "conv", "pointwise", "narrow_lin", "narrow_conv"]
 CONFIGS = {
     "loha": lambda t: peft.LoHaConfig(r=4, alpha=2, target_modules=t, rank_dropout=0.3),
     "loha_rank1": lambda t: peft.LoHaConfig(r=1, alpha=1, target_modules=t),
+    # module dropout: the folded forward skips the same modules as peft's (one draw per module and call)
+    "loha_module_dropout": lambda t: peft.LoHaConfig(r=4, alpha=2, target_modules=t, rank_dropout=0.3,
+                                                     module_dropout=0.5),
     "lokr": lambda t: peft.LoKrConfig(r=4, alpha=2, target_modules=t, rank_dropout=0.3, rank_dropout_scale=True),
     "lokr_decompose_both": lambda t: peft.LoKrConfig(r=2, alpha=2, target_modules=t, decompose_both=True,
                                                      decompose_factor=4),

@@ -18,7 +18,7 @@ from tests.fixtures.runs import tiny_overrides
 
 
 @pytest.mark.parametrize("kind,extra,suffix", [
-    ("loha", {"lora.rank_dropout": 0.1}, "hada_w1_a"),
+    ("loha", {"lora.rank_dropout": 0.1, "lora.module_dropout": 0.2}, "hada_w1_a"),  # what sd15-loha-style sets
     ("lokr", {"lora.lokr_factor": 4, "lora.module_dropout": 0.2}, "lokr_w1"),
     ("dora", {"lora.dropout": 0.1}, "dora_scale"),
 ])

@@ -286,8 +286,10 @@ class SampleConfig:
                         "options override the settings below for that prompt.", label="Sample prompts")
     negative_prompt: str = opt("", "Negative prompt for the samples.", label="Sample negative prompt")
     steps: int = opt(20, "Denoising steps per sample.", min=1, max=L.MAX_STEPS, label="Sample steps")
-    guidance_scale: float = opt(7.0, "Classifier-free guidance scale.", min=0.0, max=L.MAX_CFG,
-                                label="Sample CFG scale")
+    guidance_scale: float = opt(7.0, "Classifier-free guidance scale. Higher values strengthen the LoRA's style along "
+                                "with the prompt; a global colour style (a tint, a grade) can overshoot, so lower it "
+                                "if one comes out stronger than the training pictures (docs/gui.md, the demo).",
+                                min=0.0, max=L.MAX_CFG, label="Sample CFG scale")
     seed: int = opt(1, "Seed for the samples (the same every time so samples are comparable).",
                     min=0, max=2**32 - 1, label="Sample seed")
     width: int = opt(0, "Sample width in px (0 = data.resolution).", min=0, max=L.MAX_SIDE, multiple_of=8,

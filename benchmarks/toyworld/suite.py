@@ -70,10 +70,11 @@ def score_style(ev, style: str, lora: str | None, n: int, ceiling: dict | None =
     caption ``template`` (datasets_tools.toyworld.caption; 2 is "a {c} {s}"; the suite trains on random forms)."""
     ceiling = ceiling or ev.vae_ceiling(style, n=n)
     trig = trigger or trigger_for(style)
+    with_trigger = tw.prompts(n, seed=3, template=template, trigger=trig)
     ev.set_loras([])
-    base_on, _ = ev.score(tw.prompts(n, seed=3, template=template, trigger=trig), styles=(style,))
+    base_on, _ = ev.score(with_trigger, styles=(style,))
     ev.set_loras([(lora, 1.0)])
-    on, _ = ev.score(tw.prompts(n, seed=3, template=template, trigger=trig), styles=(style,))
+    on, _ = ev.score(with_trigger, styles=(style,))
     off, _ = ev.score(tw.prompts(n, seed=3, template=template), styles=(style,))
     ev.set_loras([])
     c = ceiling["roundtrip"]

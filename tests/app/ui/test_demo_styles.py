@@ -135,7 +135,7 @@ def test_demo_style_without_demo_is_refused(capsys):
 def test_the_gui_docs_list_the_offered_styles():
     """docs/gui.md's two style tables and the measuring command follow DEMO_STYLES and DEMO_STEPS (measure again and
     edit them when they change)."""
-    from app.demo import DEMO_STYLE_HELP, DEMO_STYLES
+    from app.demo import DEMO_STEPS, DEMO_STYLE_HELP, DEMO_STYLES
     text = (Path(__file__).resolve().parents[3] / "docs" / "gui.md").read_text(encoding="utf-8")
     section = text.split("## The first-run demo", 1)[1].split("\n## ", 1)[0]
     described = [line for line in section.splitlines() if line.startswith("| `")]
@@ -143,6 +143,5 @@ def test_the_gui_docs_list_the_offered_styles():
     for s in DEMO_STYLES:
         assert f"| `{s}` | {DEMO_STYLE_HELP[s]} |" in section, s
     assert "python -m benchmarks.toyworld.demo --work DIR" in section
-    from app.demo import DEMO_STEPS
     measured = described[len(DEMO_STYLES):]
     assert all(f"| {DEMO_STEPS} |" in line for line in measured), "the demo table is measured at DEMO_STEPS"
